@@ -1,0 +1,304 @@
+"""The ``rotation-operator`` command: the operator (``run``) and break-glass tools.
+
+``init``, ``status``, ``rotate`` and ``verify`` drive the same engine as the operator, for
+non-Kubernetes use and emergencies.  Secrets never travel as argument values (they would
+show in ``ps`` and shell history): the DSN and the KEK come from a file or an environment
+variable *named* by a flag.  Nothing here prints key material or plaintext.
+
+Exit codes: 0 success; 1 the operation failed (a row did not decrypt, verify found
+problems); 2 bad input (flags, spec, KEK format, wrong KEK); 3 try again later (database
+unreachable, another rotation holds the lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, crypto
+from .config import DEFAULT_BATCH, MODES, RotationOptions, StoreConfig, Target
+from .errors import ConfigError, KekError, RotationOperatorError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY = 0, 1, 2, 3
+log = logging.getLogger("rotation_operator.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":  # Kopf configures its own logging
+        from .operator.runner import run_operator
+        return run_operator(args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result: int = args.func(args)
+        return result
+    except (ConfigError, KekError) as exc:
+        print(f"error: {exc} [{exc.reason}]", file=sys.stderr)
+        return EXIT_USAGE
+    except RotationOperatorError as exc:
+        print(f"error: {exc} [{exc.reason}]", file=sys.stderr)
+        return EXIT_RETRY if exc.retryable and not _is_data_error(exc) else EXIT_FAILED
+
+
+def _is_data_error(exc: RotationOperatorError) -> bool:
+    return exc.reason in ("RowDecryptFailed", "UnknownKey", "AuditChainBroken")
+
+
+# -- argument parsing --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rotation-operator",
+        description="Envelope-encryption key rotation for PostgreSQL: the Kubernetes "
+                    "operator and its break-glass CLI.",
+        epilog="Secrets are never accepted as argument values: name a file or an "
+               "environment variable holding them.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the Kubernetes operator (wraps kopf run)")
+    from .operator.settings import add_run_arguments
+    add_run_arguments(run)
+
+    init = sub.add_parser("init", help="create the key tables and key v1 if missing; "
+                                       "prove the KEK unwraps the active key")
+    _store_args(init, kek=True)
+    init.add_argument("--policy-version", type=int, metavar="N",
+                      help="record N as the version already served (no rotation)")
+    init.set_defaults(func=cmd_init)
+
+    status = sub.add_parser("status", help="show keys, counts and the last rotation "
+                                           "(read-only, needs no KEK)")
+    _store_args(status, kek=False)
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.set_defaults(func=cmd_status)
+
+    rotate = sub.add_parser("rotate", help="rotate to a new DEK and re-encrypt every row")
+    _store_args(rotate, kek=True)
+    rotate.add_argument("--mode", choices=MODES, default="Online",
+                        help="Online (default): batches, applications keep writing; "
+                             "Atomic: one transaction, writes wait")
+    rotate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
+                        help=f"rows per batch (default {DEFAULT_BATCH})")
+    rotate.add_argument("--policy-version", type=int, metavar="N",
+                        help="the version this rotation serves (default: the next one); "
+                             "a version already served does nothing")
+    rotate.add_argument("--no-vacuum", action="store_true",
+                        help="skip VACUUM (ANALYZE) of the targets afterwards")
+    rotate.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes re-encrypting in parallel in online mode (default 1)")
+    rotate.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for another rotation to finish (default 0)")
+    rotate.add_argument("--actor", default=None,
+                        help="recorded as rotated_by (default cli:$USER)")
+    rotate.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    rotate.set_defaults(func=cmd_rotate)
+
+    verify = sub.add_parser("verify", help="decrypt every row and check the audit chain "
+                                           "(read-only); exit 1 on any failure")
+    _store_args(verify, kek=True)
+    verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    verify.set_defaults(func=cmd_verify)
+    return p
+
+
+def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
+    g = p.add_argument_group("database")
+    g.add_argument("--dsn-env", default="DATABASE_URL", metavar="NAME",
+                   help="environment variable holding the PostgreSQL DSN (default DATABASE_URL)")
+    g.add_argument("--dsn-file", type=Path, metavar="PATH",
+                   help="file holding the DSN (overrides --dsn-env)")
+    g.add_argument("--keys-table", default="encryption_keys", metavar="NAME",
+                   help="the keys table (default encryption_keys); the audit and rotation "
+                        "tables are NAME_audit and NAME_rotations")
+    g.add_argument("--schema", default=None, metavar="NAME",
+                   help="schema of the keys table (default: the search_path)")
+    g.add_argument("--target", action="append", metavar="SPEC", default=None,
+                   help="[schema.]table[:id_column:value_column:key_id_column], repeatable "
+                        "(default secrets:id:value:key_id)")
+    if kek:
+        k = p.add_argument_group("key-encryption key")
+        k.add_argument("--kek-env", default="ROTATION_OPERATOR_KEK", metavar="NAME",
+                       help="environment variable holding the KEK: 32 raw bytes, 64 hex "
+                            "characters or base64 (default ROTATION_OPERATOR_KEK)")
+        k.add_argument("--kek-file", type=Path, metavar="PATH",
+                       help="file holding the KEK (overrides --kek-env)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    if args.dsn_file:
+        try:
+            return args.dsn_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --dsn-file {args.dsn_file}: {exc.strerror}") from None
+    value = os.environ.get(args.dsn_env, "").strip()
+    if not value:
+        raise ConfigError(f"no DSN: set ${args.dsn_env} or pass --dsn-file")
+    return value
+
+
+def _kek(args: argparse.Namespace) -> bytes:
+    if args.kek_file:
+        try:
+            raw = args.kek_file.read_bytes()
+        except OSError as exc:
+            raise KekError(f"cannot read --kek-file {args.kek_file}: {exc.strerror}") from None
+        return crypto.parse_kek(raw, f"--kek-file {args.kek_file}")
+    value = os.environb.get(args.kek_env.encode(), b"")
+    if not value:
+        raise KekError(f"no KEK: set ${args.kek_env} or pass --kek-file")
+    return crypto.parse_kek(value, f"${args.kek_env}")
+
+
+def _config(args: argparse.Namespace) -> StoreConfig:
+    targets = [Target.parse(t) for t in (args.target or ["secrets"])]
+    return StoreConfig(targets, args.keys_table, args.schema)
+
+
+def _actor(args: argparse.Namespace) -> str:
+    return getattr(args, "actor", None) or f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    res = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args)).initialise(
+        args.policy_version)
+    print(f"active key v{res.active_version}" + (" (created)" if res.created_key else "")
+          + (f"; served policy version {res.served_version}"
+             if res.served_version is not None else ""))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .inspection import snapshot
+
+    snap = snapshot(_dsn(args), _config(args))
+    data = snapshot_dict(snap)
+    if args.output == "json":
+        print(json.dumps(data, indent=2, default=str))
+        return EXIT_OK
+    print(f"active key: v{snap.active_version}   served policy version: {snap.served_version}")
+    print(f"secrets: {snap.secret_count}   legacy: {snap.legacy_count}   "
+          f"stale: {snap.stale_count}   audit events: {snap.audit_events}")
+    print(f"\n{'VERSION':<8} {'STATE':<9} {'ROWS':>10}  {'CREATED':<25} ROTATED BY")
+    for k in snap.keys:
+        print(f"v{k.version:<7} {k.state:<9} {k.rows:>10}  {k.created_at:%Y-%m-%d %H:%M:%S%z}"
+              f"{'':<1}  {k.rotated_by}")
+    if snap.running:
+        r = snap.running
+        print(f"\nrotation to v{r.to_version} is RUNNING (interrupted or in progress): "
+              f"{r.re_encrypted}/{r.total} rows; run `rotate` again to resume")
+    return EXIT_OK
+
+
+def snapshot_dict(snap: Any) -> dict[str, Any]:
+    return {
+        "activeKeyVersion": snap.active_version,
+        "servedVersion": snap.served_version,
+        "secretCount": snap.secret_count,
+        "legacyCount": snap.legacy_count,
+        "staleCount": snap.stale_count,
+        "auditEvents": snap.audit_events,
+        "keys": [{"version": k.version, "state": k.state, "rows": k.rows,
+                  "createdAt": k.created_at.isoformat(),
+                  "retiredAt": k.retired_at.isoformat() if k.retired_at else None,
+                  "rotatedBy": k.rotated_by} for k in snap.keys],
+        "targets": [vars(t) for t in snap.targets],
+        "running": _record(snap.running),
+        "lastRotation": _record(snap.last_rotation),
+    }
+
+
+def _record(r: Any) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {"policyVersion": r.requested_version, "phase": r.phase, "mode": r.mode,
+            "fromVersion": r.from_version, "toVersion": r.to_version,
+            "reEncrypted": r.re_encrypted, "total": r.total,
+            "startedAt": r.started_at.isoformat(),
+            "finishedAt": r.finished_at.isoformat() if r.finished_at else None}
+
+
+class _ProgressBar:
+    """A one-line progress bar on a TTY; silent otherwise (pipelines read the result)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.tty:
+            return
+        frac = done / total if total else 1.0
+        rate = done / max(time.monotonic() - self.start, 1e-6)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {done}/{total} rows {rate:,.0f} rows/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    options = RotationOptions(mode=args.mode, batch_size=args.batch_size,
+                              vacuum=not args.no_vacuum, workers=args.workers)
+    engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args))
+    bar = _ProgressBar()
+    try:
+        res = engine.rotate(args.policy_version, options, progress=bar,
+                            lock_wait=args.wait_lock)
+    finally:
+        bar.close()
+    if args.output == "json":
+        print(json.dumps({k: v for k, v in vars(res).items()}, default=list))
+    elif not res.performed:
+        print(f"policy version {res.requested_version} already served: active key "
+              f"v{res.to_version}, nothing to do")
+    else:
+        rate = res.re_encrypted / res.seconds if res.seconds else 0
+        print(f"rotated v{res.from_version} -> v{res.to_version} ({res.mode}"
+              f"{', resumed' if res.resumed else ''}): {res.re_encrypted} rows re-encrypted "
+              f"({res.legacy_migrated} legacy) in {res.seconds:.2f}s ({rate:,.0f} rows/s); "
+              f"retired {', '.join(f'v{v}' for v in res.retired) or 'none'}")
+        for table, (before, after) in res.table_sizes.items():
+            print(f"  {table}: {before / 1e6:.1f} MB before, {after / 1e6:.1f} MB after VACUUM")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .inspection import verify
+
+    rep = verify(_dsn(args), _config(args), _kek(args))
+    if args.output == "json":
+        print(json.dumps({"ok": rep.ok, "rows": rep.rows, "legacy": rep.legacy,
+                          "perKey": rep.per_key, "failures": rep.failures,
+                          "auditEvents": rep.audit_events, "auditHead": rep.audit_head,
+                          "auditError": rep.audit_error}))
+    else:
+        keys = ", ".join(f"{k}: {n}" for k, n in sorted(rep.per_key.items()))
+        print(f"rows: {rep.rows} ({keys or 'none'}); failed to decrypt: {len(rep.failures)}")
+        for f in rep.failures[:20]:
+            print(f"  FAIL {f['table']} id={f['id']} key_id={f['key_id']}")
+        chain = f"BROKEN: {rep.audit_error}" if rep.audit_error else \
+            f"ok (head {rep.audit_head[:16]})"
+        print(f"audit chain: {rep.audit_events} events, {chain}")
+        print("verify: OK" if rep.ok else "verify: FAILED")
+    return EXIT_OK if rep.ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""What the engine works on: the keys table and the application's target tables.
+
+Names come from a custom resource or the command line, so they are untrusted.  They are
+validated here (a plain SQL identifier: letters, digits, underscore, at most 63 bytes) and
+*also* always passed to PostgreSQL through ``psycopg.sql.Identifier``: validation gives a
+clear error early, quoting makes injection impossible even if validation had a hole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: The keys table name is shorter so derived names (``<keys>_audit``…) still fit 63 bytes.
+KEYS_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
+Mode = Literal["Online", "Atomic"]
+MODES: tuple[Mode, ...] = ("Online", "Atomic")
+MIN_BATCH, MAX_BATCH, DEFAULT_BATCH = 100, 50_000, 5_000
+
+
+def identifier(value: object, what: str, pattern: re.Pattern[str] = IDENTIFIER) -> str:
+    """Return ``value`` if it is a plain SQL identifier, else raise a specific ConfigError."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        limit = 48 if pattern is KEYS_TABLE else 63
+        raise ConfigError(
+            f"{what} {value!r} is not a plain SQL identifier "
+            f"(letters, digits and _, not starting with a digit, at most {limit} characters)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Target:
+    """One application table holding encrypted values."""
+
+    table: str
+    id_column: str = "id"
+    value_column: str = "value"
+    key_id_column: str = "key_id"
+    schema: str | None = None
+
+    def __post_init__(self) -> None:
+        identifier(self.table, "target table")
+        identifier(self.id_column, f"idColumn of table {self.table}")
+        identifier(self.value_column, f"valueColumn of table {self.table}")
+        identifier(self.key_id_column, f"keyIdColumn of table {self.table}")
+        if self.schema is not None:
+            identifier(self.schema, f"schema of table {self.table}")
+        if len({self.id_column, self.value_column, self.key_id_column}) != 3:
+            raise ConfigError(f"table {self.table}: id, value and key-id columns must differ")
+
+    @property
+    def name(self) -> str:
+        """Display name, e.g. ``public.secrets`` or ``secrets``."""
+        return f"{self.schema}.{self.table}" if self.schema else self.table
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Target:
+        """Build from a CR ``spec.targets[]`` item (camelCase keys)."""
+        if not isinstance(spec, Mapping) or "table" not in spec:
+            raise ConfigError("each target needs at least a table")
+        return cls(
+            table=spec["table"],
+            id_column=spec.get("idColumn", "id"),
+            value_column=spec.get("valueColumn", "value"),
+            key_id_column=spec.get("keyIdColumn", "key_id"),
+            schema=spec.get("schema"),
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """Parse the CLI form ``[schema.]table[:id_col:value_col:key_id_col]``."""
+        name, _, cols = text.partition(":")
+        schema, _, table = name.rpartition(".")
+        parts = cols.split(":") if cols else []
+        if parts and len(parts) != 3:
+            raise ConfigError(
+                f"target {text!r}: expected [schema.]table or [schema.]table:id:value:key_id"
+            )
+        return cls(table, *parts, schema=schema or None) if parts else cls(
+            table, schema=schema or None)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The keys table and the targets one policy manages."""
+
+    targets: Sequence[Target]
+    keys_table: str = "encryption_keys"
+    schema: str | None = None
+
+    def __post_init__(self) -> None:
+        identifier(self.keys_table, "keysTable", KEYS_TABLE)
+        if self.schema is not None:
+            identifier(self.schema, "keys schema")
+        if not self.targets:
+            raise ConfigError("at least one target table is required")
+        names = [(t.schema, t.table) for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ConfigError("a target table is listed twice")
+        own = {self.keys_table, self.audit_table, self.rotations_table}
+        for t in self.targets:
+            if t.table in own and t.schema == self.schema:
+                raise ConfigError(f"target {t.name} is one of the operator's own tables")
+
+    @property
+    def audit_table(self) -> str:
+        return f"{self.keys_table}_audit"
+
+    @property
+    def rotations_table(self) -> str:
+        return f"{self.keys_table}_rotations"
+
+    @property
+    def qualified_keys(self) -> str:
+        return f"{self.schema}.{self.keys_table}" if self.schema else self.keys_table
+
+
+@dataclass(frozen=True)
+class RotationOptions:
+    """How to rotate: mode, batch size, vacuum afterwards, workers."""
+
+    mode: Mode = "Online"
+    batch_size: int = DEFAULT_BATCH
+    vacuum: bool = True
+    #: Processes that re-encrypt in parallel (online mode); 1 = in this process only.
+    workers: int = 1
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"rotation mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not MIN_BATCH <= self.batch_size <= MAX_BATCH:
+            raise ConfigError(
+                f"batchSize {self.batch_size} is outside {MIN_BATCH}..{MAX_BATCH} "
+                "(larger batches flip PostgreSQL to a slower hash-join plan)"
+            )
+        if not 1 <= self.workers <= 16:
+            raise ConfigError(f"workers {self.workers} is outside 1..16")
+
+
+def targets_from_spec(items: Iterable[Mapping[str, Any]]) -> list[Target]:
+    return [Target.from_spec(item) for item in items]

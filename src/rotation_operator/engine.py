@@ -1,0 +1,354 @@
+"""The rotation workflow: initialise a keys table, rotate to a new DEK, report results.
+
+This is the service layer both the CLI and the operator call; it knows nothing of
+Kubernetes.  The shape of one rotation:
+
+1. take the session-level advisory lock of the keys table (one rotator at a time);
+2. decide from the rotation records what the request means: already served (no-op),
+   an interrupted rotation to resume, or a new one;
+3. **Online**: commit the new DEK as active and the old one as retiring in one short
+   transaction, then move rows in batches (``SELECT … FOR UPDATE`` by id, decrypt-check-
+   encrypt in Python, one set-based ``UPDATE … FROM unnest``), each batch its own
+   transaction, pass after pass until no row is under a non-active key; then retire the
+   old keys and mark the rotation done in one transaction.  Progress lives in the rows,
+   so a crash anywhere resumes where it stopped.
+   **Atomic**: the same steps inside one transaction with the targets locked against
+   writes: all or nothing.
+4. optionally ``VACUUM (ANALYZE)`` the targets (every row was rewritten).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import audit, faults
+from .config import RotationOptions, StoreConfig, Target
+from .errors import (
+    DatabaseUnavailable,
+    InvalidToken,
+    RotationOperatorError,
+    RowDecryptError,
+    UnknownKeyError,
+)
+from .keyring import KeyRing
+from .keystore import RETRYABLE as _RETRYABLE
+from .keystore import Conn, KeyStore, connect, db_errors, ident, rotation_lock
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int], None]
+_BATCH_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class InitResult:
+    active_version: int
+    created_key: bool
+    baseline_recorded: bool
+    served_version: int | None
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    requested_version: int
+    performed: bool  # False: this version was already served, nothing was done
+    resumed: bool
+    mode: str
+    from_version: int | None
+    to_version: int
+    re_encrypted: int = 0
+    legacy_migrated: int = 0
+    retired: tuple[int, ...] = ()
+    seconds: float = 0.0
+    #: table -> (bytes before rotation, bytes after VACUUM); empty when vacuum is off.
+    table_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class _Counter:
+    done: int = 0
+    total: int = 0
+    legacy: int = 0
+    batches: int = 0
+
+
+class Engine:
+    """Key management for one keys table and its targets, given a DSN and the KEK."""
+
+    def __init__(self, dsn: str, cfg: StoreConfig, kek: bytes, *, actor: str):
+        self.dsn = dsn
+        self.cfg = cfg
+        self.store = KeyStore(cfg)
+        self._kek = kek
+        self.actor = actor
+
+    def __repr__(self) -> str:  # never show the DSN (password) or the KEK
+        return f"Engine(keys={self.cfg.qualified_keys!r}, actor={self.actor!r})"
+
+    # -- initialise ----------------------------------------------------------------------
+    def initialise(self, policy_version: int | None = None) -> InitResult:
+        """Create own tables, check targets, ensure an active key, prove the KEK (fail
+        closed), and record ``policy_version`` as served if nothing was recorded yet."""
+        with db_errors(), connect(self.dsn) as conn:
+            self.store.migrate(conn)
+            for target in self.cfg.targets:
+                self.store.check_target(conn, target)
+            conn.commit()
+            created = self.store.ensure_active_key(conn, self._kek, self.actor, policy_version)
+            ring = self.store.load_ring(conn, self._kek)
+            conn.commit()
+            baseline = False
+            if policy_version is not None:
+                baseline = self.store.record_baseline(conn, policy_version, ring.active_version,
+                                                      self.actor)
+            served = self.store.served_version(conn)
+            conn.commit()
+            return InitResult(ring.active_version, created, baseline, served)
+
+    # -- rotate --------------------------------------------------------------------------
+    def rotate(self, requested_version: int | None = None,
+               options: RotationOptions | None = None, *,
+               progress: ProgressFn | None = None, lock_wait: float = 0.0) -> RotationResult:
+        """Rotate to a new DEK for ``requested_version`` (default: the next one).
+
+        Idempotent per requested version; resumes an interrupted rotation; raises
+        :class:`LockHeld` if another rotator runs.
+        """
+        options = options or RotationOptions()
+        started = time.monotonic()
+        with db_errors(), rotation_lock(self.dsn, self.cfg, lock_wait), \
+                connect(self.dsn) as conn:
+            self.store.migrate(conn)
+            for target in self.cfg.targets:
+                self.store.check_target(conn, target)
+            self.store.ensure_active_key(conn, self._kek, self.actor)
+            ring = self.store.load_ring(conn, self._kek)  # fail closed before any write
+            records = self.store.rotation_records(conn)
+            conn.commit()
+            running = next((r for r in records if r.phase == "running"), None)
+            served = max((r.requested_version for r in records
+                          if r.phase in ("baseline", "done")), default=None)
+            if requested_version is None:
+                requested_version = running.requested_version if running else (served or 0) + 1
+            if served is not None and requested_version <= served:
+                return RotationResult(requested_version, False, False, options.mode,
+                                      ring.active_version, ring.active_version)
+            sizes = self._sizes(conn)
+            conn.commit()
+            resume = (running is not None and running.requested_version == requested_version
+                      and options.mode == "Online" and running.to_version == ring.active_version)
+            counter = _Counter()
+            try:
+                if options.mode == "Atomic":
+                    result = self._rotate_atomic(conn, requested_version, ring, options,
+                                                 counter, progress)
+                else:
+                    result = self._rotate_online(conn, requested_version, ring, options,
+                                                 counter, progress, resume)
+            except RowDecryptError as exc:
+                conn.rollback()
+                self._record_failure(conn, requested_version, exc)
+                raise
+        faults.point("before-vacuum")
+        table_sizes = self._vacuum(sizes) if options.vacuum else {}
+        return RotationResult(
+            requested_version, True, resume, options.mode, result[0], result[1],
+            re_encrypted=counter.done, legacy_migrated=counter.legacy, retired=result[2],
+            seconds=time.monotonic() - started, table_sizes=table_sizes)
+
+    def _rotate_online(self, conn: Conn, requested: int, ring: KeyRing,
+                       options: RotationOptions, counter: _Counter,
+                       progress: ProgressFn | None, resume: bool
+                       ) -> tuple[int | None, int, tuple[int, ...]]:
+        from_version: int | None
+        if resume:
+            from_version = next(r.from_version for r in self.store.rotation_records(conn)
+                                if r.requested_version == requested)
+            counter.done = 0
+            log.info("resuming rotation to policy version %s (DEK v%s)", requested,
+                     ring.active_version)
+        else:
+            from_version = ring.active_version
+            with conn.transaction():
+                ring = self._mint(conn, requested, ring, "Online")
+            faults.point("after-start")
+        to_version = ring.active_version
+        counter.total = sum(self.store.count_not_under(conn, t, to_version)
+                            for t in self.cfg.targets)
+        conn.commit()
+        if progress:
+            progress(0, counter.total)
+        while True:
+            for target in self.cfg.targets:
+                self._move_target(conn, target, ring, options.batch_size, counter, progress,
+                                  requested=requested)
+            with conn.transaction():
+                left = sum(self.store.count_not_under(conn, t, to_version)
+                           for t in self.cfg.targets)
+                if left:  # written under an old key while we moved: another pass
+                    log.info("%d rows arrived under old keys during the pass; moving them",
+                             left)
+                    counter.total += left
+                    continue
+                faults.point("before-finish")
+                retired = self._finish(conn, requested, to_version, counter)
+            return from_version, to_version, retired
+
+    def _rotate_atomic(self, conn: Conn, requested: int, ring: KeyRing,
+                       options: RotationOptions, counter: _Counter,
+                       progress: ProgressFn | None) -> tuple[int | None, int, tuple[int, ...]]:
+        from_version = ring.active_version
+        with conn.transaction():
+            for target in self.cfg.targets:  # readers go on; writers wait for the commit
+                conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                    ident(target.schema, target.table)))
+            ring = self._mint(conn, requested, ring, "Atomic")
+            counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
+                                for t in self.cfg.targets)
+            if progress:
+                progress(0, counter.total)
+            for target in self.cfg.targets:
+                self._move_target(conn, target, ring, options.batch_size, counter, progress,
+                                  requested=None)
+            faults.point("before-finish")
+            retired = self._finish(conn, requested, ring.active_version, counter)
+        return from_version, ring.active_version, retired
+
+    def _mint(self, conn: Conn, requested: int, ring: KeyRing, mode: str) -> KeyRing:
+        """New DEK active, old ones retiring, rotation recorded: one transaction."""
+        versions = [k.version for k in self.store.list_keys(conn)]
+        new_version = max(versions) + 1
+        self.store.mark_active_retiring(conn)
+        self.store.insert_key(conn, self._kek, version=new_version, actor=self.actor,
+                              policy_version=requested)
+        total = sum(self.store.count_not_under(conn, t, new_version) for t in self.cfg.targets)
+        self.store.start_rotation(conn, requested, mode, ring.active_version, new_version,
+                                  self.actor, total)
+        audit.append(conn, self.cfg, "rotation_started", key_version=new_version,
+                     actor=self.actor, detail={"policy_version": requested, "mode": mode,
+                                               "from_version": ring.active_version,
+                                               "rows": total})
+        return self.store.load_ring(conn, self._kek)
+
+    def _finish(self, conn: Conn, requested: int, to_version: int,
+                counter: _Counter) -> tuple[int, ...]:
+        retired = tuple(self.store.retire_retiring(conn, self.actor))
+        self.store.finish_rotation(conn, requested)
+        audit.append(conn, self.cfg, "rotation_finished", key_version=to_version,
+                     actor=self.actor, detail={"policy_version": requested,
+                                               "re_encrypted": counter.done,
+                                               "legacy_migrated": counter.legacy,
+                                               "retired": list(retired)})
+        return retired
+
+    # -- moving rows ---------------------------------------------------------------------
+    def _move_target(self, conn: Conn, target: Target, ring: KeyRing, batch_size: int,
+                     counter: _Counter, progress: ProgressFn | None, *,
+                     requested: int | None) -> None:
+        """One pass over ``target`` by id; ``requested`` set = commit each batch (online)."""
+        mover = _BatchMover(target, ring, batch_size)
+        after: Any = None
+        while True:
+            moved, legacy, last = self._batch(conn, mover, after, requested)
+            counter.done += moved
+            counter.legacy += legacy
+            counter.batches += 1
+            if progress and moved:
+                progress(counter.done, max(counter.total, counter.done))
+            faults.point("after-batch")
+            if last is None:
+                return
+            after = last
+
+    def _batch(self, conn: Conn, mover: _BatchMover, after: Any,
+               requested: int | None) -> tuple[int, int, Any]:
+        if requested is None:  # atomic: already inside the one transaction
+            return mover.run(conn, after)
+        for attempt in range(_BATCH_RETRIES):
+            try:
+                with conn.transaction():
+                    moved, legacy, last = mover.run(conn, after)
+                    if moved:
+                        self.store.add_progress(conn, requested, moved)
+                return moved, legacy, last
+            except _RETRYABLE as exc:
+                log.warning("batch on %s conflicted with an application transaction (%s); "
+                            "retrying", mover.target.name, type(exc).__name__)
+                time.sleep(0.05 * (attempt + 1))
+        raise DatabaseUnavailable(f"batch on {mover.target.name} kept conflicting with "
+                                  "application transactions; will retry")
+
+    # -- helpers -------------------------------------------------------------------------
+    def _record_failure(self, conn: Conn, requested: int, exc: RotationOperatorError) -> None:
+        try:
+            with conn.transaction():
+                audit.append(conn, self.cfg, "rotation_failed", actor=self.actor,
+                             detail={"policy_version": requested, "reason": exc.reason,
+                                     "message": str(exc)})
+        except psycopg.Error:
+            log.warning("could not record the failed rotation in the audit log")
+
+    def _sizes(self, conn: Conn) -> dict[str, int]:
+        return {t.name: self.store.table_size(conn, t) for t in self.cfg.targets}
+
+    def _vacuum(self, before: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """VACUUM (ANALYZE) each target: every row was rewritten, so half the heap is dead."""
+        with db_errors(), connect(self.dsn, autocommit=True) as conn:
+            for target in self.cfg.targets:
+                conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(
+                    ident(target.schema, target.table)))
+            after = self._sizes(conn)
+        return {name: (before[name], after[name]) for name in before}
+
+
+class _BatchMover:
+    """The two statements of one batch for one target, built once."""
+
+    def __init__(self, target: Target, ring: KeyRing, batch_size: int):
+        self.target = target
+        self.ring = ring
+        self.batch_size = batch_size
+        t = ident(target.schema, target.table)
+        names = {"t": t, "id": sql.Identifier(target.id_column),
+                 "val": sql.Identifier(target.value_column),
+                 "kid": sql.Identifier(target.key_id_column)}
+        select = ("SELECT ctid::text, {id}, {kid}, {val} FROM {t} "
+                  "WHERE ({kid} IS NULL OR {kid} <> %(active)s) {after}"
+                  "ORDER BY {id} LIMIT %(limit)s FOR UPDATE")
+        self.first = sql.SQL(select).format(after=sql.SQL(""), **names)
+        self.next = sql.SQL(select).format(after=sql.SQL("AND {id} > %(after)s ").format(
+            **names), **names)
+        self.update = sql.SQL(
+            "UPDATE {t} AS r SET {val} = u.v, {kid} = %(active)s "
+            "FROM unnest(%(c)s::tid[], %(v)s::bytea[]) AS u(c, v) "
+            "WHERE r.ctid = u.c AND r.ctid = ANY(%(c)s::tid[])").format(**names)
+
+    def run(self, conn: Conn, after: Any) -> tuple[int, int, Any]:
+        """Move one batch; returns (moved, legacy moved, last id or None at the end)."""
+        active = self.ring.active_version
+        params = {"active": active, "limit": self.batch_size, "after": after}
+        with conn.cursor(binary=True) as cur:
+            rows = cur.execute(self.first if after is None else self.next, params).fetchall()
+            if not rows:
+                return 0, 0, None
+            ctids, values, legacy = [], [], 0
+            rotate = self.ring.rotate
+            for ctid, row_id, key_id, value in rows:
+                try:
+                    values.append(rotate(value, key_id))
+                except (InvalidToken, UnknownKeyError):
+                    raise RowDecryptError(self.target.name, row_id, key_id) from None
+                ctids.append(ctid)
+                legacy += key_id is None
+            cur.execute(self.update, {"active": active, "c": ctids, "v": values})
+            if cur.rowcount != len(rows):
+                raise RotationOperatorError(
+                    f"table {self.target.name}: updated {cur.rowcount} of {len(rows)} locked rows")
+        last = rows[-1][1] if len(rows) == self.batch_size else None
+        return len(rows), legacy, last

@@ -1,0 +1,71 @@
+"""A key ring: the unwrapped DEKs of one keys table, plus the KEK for legacy rows.
+
+Pure (no I/O).  It is the shape of ``MultiFernet``: decrypt with whichever key a row names,
+encrypt with the active one, and :meth:`KeyRing.rotate` a value from the first to the
+second.  The engine and the application library both build one from the keys table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import crypto
+from .errors import InvalidToken, UnknownKeyError
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Unwrapped DEKs by version, the active version, and the KEK (for legacy rows).
+
+    Instances never print key bytes: ``repr`` shows versions only.
+    """
+
+    active_version: int
+    deks: Mapping[int, bytes] = field(repr=False)
+    kek: bytes = field(repr=False)
+    _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
+                                              compare=False)
+
+    def __post_init__(self) -> None:
+        if self.active_version not in self.deks:
+            raise ValueError(f"active DEK v{self.active_version} is not in the ring")
+        self._aeads[None] = AESGCM(self.kek)
+        for version, dek in self.deks.items():
+            self._aeads[version] = AESGCM(dek)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.deks))
+
+    def aead(self, key_id: int | None) -> AESGCM:
+        """The cipher for ``key_id`` (``None`` = the KEK, for legacy rows)."""
+        try:
+            return self._aeads[key_id]
+        except KeyError:
+            raise UnknownKeyError(f"key version {key_id} is not in the key ring") from None
+
+    def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:
+        """Encrypt under the active DEK; returns ``(value, key_id)`` to store together."""
+        return crypto.encrypt(self._aeads[self.active_version], plaintext), self.active_version
+
+    def decrypt(self, value: bytes, key_id: int | None) -> bytes:
+        """Decrypt a stored value; ``key_id`` ``None`` means a legacy (KEK) row."""
+        return crypto.decrypt(self.aead(key_id), value)
+
+    def rotate(self, value: bytes, key_id: int | None) -> bytes:
+        """Decrypt under ``key_id`` and re-encrypt under the active DEK.
+
+        Raises :class:`InvalidToken` if the old value does not authenticate.
+        """
+        plaintext = crypto.decrypt(self.aead(key_id), value)
+        return crypto.encrypt(self._aeads[self.active_version], plaintext)
+
+    def can_decrypt(self, value: bytes, key_id: int | None) -> bool:
+        try:
+            self.decrypt(value, key_id)
+        except (InvalidToken, UnknownKeyError):
+            return False
+        return True

@@ -1,0 +1,102 @@
+"""What applications import: encrypt and decrypt with the keys the operator manages.
+
+    from rotation_operator.library import Encryptor
+    enc = Encryptor(dsn, kek)                 # the same KEK the operator reads
+    value, key_id = enc.encrypt(b"api-token")  # store both columns together
+    plaintext = enc.decrypt(value, key_id)     # key_id None: a legacy (KEK) row
+
+The ring is loaded from the keys table once and cached (DEKs unwrapped once).  It is safe
+while a rotation runs: every ``max_age`` seconds ``encrypt`` checks, with one tiny query,
+whether the active key changed (so new writes move to the new DEK within ``max_age`` and
+the rotation's next pass picks up the few written before), and ``decrypt`` reloads the
+ring when it meets a key id it does not know.  Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from psycopg import sql
+
+from .config import KEYS_TABLE, StoreConfig, Target, identifier
+from .errors import UnknownKeyError
+from .keyring import KeyRing
+from .keystore import Conn, KeyStore, connect, db_errors
+
+
+class Encryptor:
+    """A cached key ring bound to one keys table."""
+
+    def __init__(self, dsn: str, kek: bytes, *, keys_table: str = "encryption_keys",
+                 schema: str | None = None, max_age: float = 1.0):
+        identifier(keys_table, "keys table", KEYS_TABLE)
+        # The store only needs a config for its table names; targets are irrelevant here.
+        self._store = KeyStore(StoreConfig([Target("_unused")], keys_table, schema))
+        self._dsn = dsn
+        self._kek = kek
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._conn: Conn | None = None
+        self._ring: KeyRing | None = None
+        self._checked = 0.0
+
+    def __repr__(self) -> str:
+        return f"Encryptor(keys={self._store.cfg.qualified_keys!r})"
+
+    def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:
+        """Encrypt under the active DEK; store ``(value, key_id)`` in the same row."""
+        return self._current().encrypt(plaintext)
+
+    def decrypt(self, value: bytes, key_id: int | None) -> bytes:
+        """Decrypt a stored value (``key_id`` ``None`` = legacy row under the KEK)."""
+        ring = self._ring or self.refresh()
+        try:
+            return ring.decrypt(value, key_id)
+        except UnknownKeyError:
+            return self.refresh().decrypt(value, key_id)
+
+    def refresh(self) -> KeyRing:
+        """Reload the whole ring from the database (fail closed on a wrong KEK)."""
+        with self._lock:
+            with db_errors():
+                self._ring = self._store.load_ring(self._connection(), self._kek)
+            self._checked = time.monotonic()
+            return self._ring
+
+    @property
+    def ring(self) -> KeyRing:
+        return self._ring or self.refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Encryptor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _current(self) -> KeyRing:
+        ring = self._ring
+        if ring is None:
+            return self.refresh()
+        if time.monotonic() - self._checked < self.max_age:
+            return ring
+        with self._lock:
+            with db_errors():
+                row = self._connection().execute(sql.SQL(
+                    "SELECT version FROM {} WHERE active").format(self._store.keys)).fetchone()
+            self._checked = time.monotonic()
+        if row and row[0] != ring.active_version:
+            return self.refresh()
+        return ring
+
+    def _connection(self) -> Conn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = connect(self._dsn, application_name="rotation-operator-library")
+        return self._conn

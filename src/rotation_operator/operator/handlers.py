@@ -1,0 +1,85 @@
+"""Kopf handlers: the thinnest layer.  Each one builds a :class:`Policy`, calls the
+workflow, and goes through :func:`boundary`, the one place where package errors become a
+condition, an Event and ``kopf.TemporaryError`` / ``kopf.PermanentError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import kopf
+
+from ..errors import RotationOperatorError
+from . import settings as operator_settings
+from . import workflow
+from .kube import GROUP, PLURAL, VERSION
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+class _Events:
+    def __init__(self, body: Mapping[str, Any]):
+        self.body = body
+
+    def info(self, reason: str, message: str) -> None:
+        kopf.event(dict(self.body), type="Normal", reason=reason, message=message)
+
+    def warn(self, reason: str, message: str) -> None:
+        kopf.event(dict(self.body), type="Warning", reason=reason, message=message)
+
+
+def _policy(body: Mapping[str, Any]) -> workflow.Policy:
+    meta = body.get("metadata") or {}
+    return workflow.Policy(namespace=meta["namespace"], name=meta["name"],
+                           generation=int(meta.get("generation") or 0),
+                           spec=body.get("spec") or {}, status=body.get("status") or {})
+
+
+@contextmanager
+def boundary(policy: workflow.Policy, events: _Events) -> Iterator[None]:
+    """Map the package's errors to status + Event + Kopf's retry semantics."""
+    try:
+        yield
+    except RotationOperatorError as exc:
+        workflow.fail(policy, exc, events)
+        if exc.retryable:
+            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=exc.retry_delay) from None
+        raise kopf.PermanentError(f"{exc.reason}: {exc}") from None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Kopf's own settings: keep its bookkeeping in annotations (status is declared)."""
+    prefix = "rotation-operator.io"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration")
+    # Kopf's own log lines become Events only from WARNING up; ours go through kopf.event.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = 8
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+def reconcile(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """Create, operator restart, spec change: initialise, rotate if asked, report."""
+    policy, events = _policy(body), _Events(body)
+    with boundary(policy, events):
+        summary = workflow.reconcile(policy, operator_settings.current, events)
+    logger.info("reconciled: %s", summary)
+
+
+@kopf.timer(*RESOURCE, interval=operator_settings.current.refresh_interval,
+            initial_delay=operator_settings.current.refresh_interval)
+def refresh(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """Refresh counts between rotations (applications write all the time)."""
+    policy, events = _policy(body), _Events(body)
+    with boundary(policy, events):
+        if not workflow.refresh(policy):
+            logger.debug("refresh skipped: a reconciliation is running")

@@ -1,0 +1,76 @@
+"""Operator settings: one typed place, filled from flags/env, applied at ``on.startup``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    #: Namespaces to watch; empty = the whole cluster (needs a ClusterRole).
+    namespaces: tuple[str, ...] = ()
+    #: Seconds between count refreshes (applications write between rotations).
+    refresh_interval: float = 60.0
+    #: Minimum seconds between progress writes to status during a rotation.
+    progress_interval: float = 2.0
+    #: Kopf liveness endpoint (``/healthz``); empty disables it.
+    liveness: str = "http://0.0.0.0:8080/healthz"
+    #: Port of the Prometheus metrics endpoint; 0 disables it.
+    metrics_port: int = 9090
+    #: ``json`` or ``plain`` logs.
+    log_format: str = "plain"
+    verbose: bool = False
+    #: Run without Kopf peering (one replica; the Deployment uses ``Recreate``).
+    standalone: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", action="append", default=None, metavar="NS",
+                   help="watch only this namespace (repeatable; default: all namespaces, "
+                        "env WATCH_NAMESPACES comma-separated)")
+    p.add_argument("--refresh-interval", type=float, default=None, metavar="SECONDS",
+                   help="seconds between count refreshes (default 60, env REFRESH_INTERVAL)")
+    p.add_argument("--progress-interval", type=float, default=None, metavar="SECONDS",
+                   help="minimum seconds between progress updates in status (default 2)")
+    p.add_argument("--liveness", default=None, metavar="URL",
+                   help="liveness endpoint (default http://0.0.0.0:8080/healthz; '' disables)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="Prometheus metrics port (default 9090; 0 disables)")
+    p.add_argument("--log-format", choices=("plain", "json"), default=None,
+                   help="log format (default plain, env LOG_FORMAT)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def from_args(args: argparse.Namespace) -> OperatorSettings:
+    namespaces = args.namespace or [
+        n.strip() for n in os.environ.get("WATCH_NAMESPACES", "").split(",") if n.strip()]
+    liveness = args.liveness if args.liveness is not None else os.environ.get(
+        "LIVENESS_ENDPOINT", OperatorSettings.liveness)
+    return OperatorSettings(
+        namespaces=tuple(namespaces),
+        refresh_interval=args.refresh_interval or _env_float("REFRESH_INTERVAL", 60.0),
+        progress_interval=args.progress_interval or _env_float("PROGRESS_INTERVAL", 2.0),
+        liveness=liveness,
+        metrics_port=args.metrics_port if args.metrics_port is not None else int(
+            os.environ.get("METRICS_PORT", "9090")),
+        log_format=args.log_format or os.environ.get("LOG_FORMAT", "plain"),
+        verbose=args.verbose,
+    )
+
+
+#: The settings in force; the runner sets them before the handlers module is imported
+#: (Kopf reads the timer interval at decoration time).
+current = OperatorSettings()
+
+
+def apply(settings: OperatorSettings) -> None:
+    global current
+    current = settings
