@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from .config import StoreConfig
 from .errors import AuditChainError
@@ -88,7 +89,7 @@ def append(conn: psycopg.Connection[Any], cfg: StoreConfig, event: str, *,
             "INSERT INTO {t} (seq, at, event, key_version, actor, detail, prev_hash, hash) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         ).format(t=table(cfg)),
-        (seq, at, event, key_version, actor, psycopg.types.json.Jsonb(detail), prev, digest),
+        (seq, at, event, key_version, actor, Jsonb(detail), prev, digest),
     )
     return seq
 

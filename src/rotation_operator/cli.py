@@ -137,7 +137,8 @@ def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
 def _dsn(args: argparse.Namespace) -> str:
     if args.dsn_file:
         try:
-            return args.dsn_file.read_text().strip()
+            text: str = args.dsn_file.read_text()
+            return text.strip()
         except OSError as exc:
             raise ConfigError(f"cannot read --dsn-file {args.dsn_file}: {exc.strerror}") from None
     value = os.environ.get(args.dsn_env, "").strip()

@@ -82,8 +82,9 @@ class Target:
             raise ConfigError(
                 f"target {text!r}: expected [schema.]table or [schema.]table:id:value:key_id"
             )
-        return cls(table, *parts, schema=schema or None) if parts else cls(
-            table, schema=schema or None)
+        if parts:
+            return cls(table, parts[0], parts[1], parts[2], schema=schema or None)
+        return cls(table, schema=schema or None)
 
 
 @dataclass(frozen=True)

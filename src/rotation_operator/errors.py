@@ -22,7 +22,7 @@ class RotationOperatorError(Exception):
     retry_delay = 60.0
 
 
-class InvalidToken(RotationOperatorError):  # noqa: N818 - the name mirrors Fernet's
+class InvalidToken(RotationOperatorError):
     """A value did not decrypt: wrong key, truncated, tampered or not our format.
 
     Deliberately opaque, as in ``cryptography.fernet.InvalidToken``: the cause is never
@@ -69,7 +69,7 @@ class SecretError(RotationOperatorError):
     retry_delay = 30.0
 
 
-class AccessDenied(RotationOperatorError):  # noqa: N818
+class AccessDenied(RotationOperatorError):
     """The operator's Kubernetes identity may not do something it needs (RBAC)."""
 
     reason = "Forbidden"
@@ -93,7 +93,7 @@ class SchemaError(ConfigError):
     retry_delay = 60.0
 
 
-class LockHeld(RotationOperatorError):  # noqa: N818
+class LockHeld(RotationOperatorError):
     """Another rotator (operator replica or CLI) holds the rotation lock."""
 
     reason = "LockHeld"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -350,22 +350,21 @@ def rotation_lock(dsn: str, cfg: StoreConfig, wait: float = 0.0) -> Iterator[Con
             yield conn
         finally:
             if not conn.closed:
-                try:
+                # If this fails the session ends below and PostgreSQL releases it anyway.
+                with suppress(psycopg.Error):
                     conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                except psycopg.Error:
-                    pass  # the session ends below; PostgreSQL releases it anyway
     finally:
         conn.close()
 
 
-class db_errors:  # noqa: N801 - used as a context manager, reads like a keyword
+class db_errors:
     """Map connection-level psycopg failures to :class:`DatabaseUnavailable`."""
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> bool:
+                 tb: object) -> Literal[False]:
         if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, RETRYABLE):
             raise DatabaseUnavailable(f"database error: {first_line(exc)}") from None
         return False

@@ -61,9 +61,9 @@ class Encryptor:
         """Reload the whole ring from the database (fail closed on a wrong KEK)."""
         with self._lock:
             with db_errors():
-                self._ring = self._store.load_ring(self._connection(), self._kek)
-            self._checked = time.monotonic()
-            return self._ring
+                ring = self._store.load_ring(self._connection(), self._kek)
+            self._ring, self._checked = ring, time.monotonic()
+            return ring
 
     @property
     def ring(self) -> KeyRing:

@@ -6,7 +6,7 @@ condition, an Event and ``kopf.TemporaryError`` / ``kopf.PermanentError``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,17 +21,17 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 
 
 class _Events:
-    def __init__(self, body: Mapping[str, Any]):
+    def __init__(self, body: kopf.Body):
         self.body = body
 
     def info(self, reason: str, message: str) -> None:
-        kopf.event(dict(self.body), type="Normal", reason=reason, message=message)
+        kopf.event(self.body, type="Normal", reason=reason, message=message)
 
     def warn(self, reason: str, message: str) -> None:
-        kopf.event(dict(self.body), type="Warning", reason=reason, message=message)
+        kopf.event(self.body, type="Warning", reason=reason, message=message)
 
 
-def _policy(body: Mapping[str, Any]) -> workflow.Policy:
+def _policy(body: kopf.Body) -> workflow.Policy:
     meta = body.get("metadata") or {}
     return workflow.Policy(namespace=meta["namespace"], name=meta["name"],
                            generation=int(meta.get("generation") or 0),
@@ -62,12 +62,20 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 8
+    # Watching named namespaces (-n NS) must not need cluster-wide RBAC: without this,
+    # Kopf lists and watches all namespaces to match patterns, and when RoleBindings (or
+    # this ClusterRole, which has no namespaces rule) forbid it, retries with back-off for
+    # about a minute before serving anything.  Exact names need no observation.
+    watched = operator_settings.current.namespaces
+    if watched and not any(set(ns) & set("!*?,") for ns in watched):
+        settings.scanning.disabled = True
 
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def reconcile(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any],
+              **_: Any) -> None:
     """Create, operator restart, spec change: initialise, rotate if asked, report."""
     policy, events = _policy(body), _Events(body)
     with boundary(policy, events):
@@ -77,7 +85,8 @@ def reconcile(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
 @kopf.timer(*RESOURCE, interval=operator_settings.current.refresh_interval,
             initial_delay=operator_settings.current.refresh_interval)
-def refresh(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+def refresh(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any],
+            **_: Any) -> None:
     """Refresh counts between rotations (applications write all the time)."""
     policy, events = _policy(body), _Events(body)
     with boundary(policy, events):

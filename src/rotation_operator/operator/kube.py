@@ -13,7 +13,7 @@ import base64
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from ..errors import AccessDenied, RotationOperatorError, SecretError
 

@@ -15,9 +15,9 @@ from . import settings as operator_settings
 
 def _load_kube_config() -> None:
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # $KUBECONFIG or ~/.kube/config
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]  # $KUBECONFIG or ~/.kube/config
 
 
 def run_operator(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Test suite; a package so ``pytest_plugins = ["tests.fixtures..."]`` resolves from the root."""

@@ -1,0 +1,32 @@
+"""Root conftest: registers the environment fixtures and marks tests by directory.
+
+Tests under ``tests/db/`` get the ``db`` marker and tests under ``tests/e2e/`` get ``e2e``,
+so ``pytest -m 'not e2e'`` skips everything needing the control plane without every test
+module remembering to mark itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures.fix_cluster",
+    "tests.fixtures.fix_db",
+]
+
+_TESTS = Path(__file__).resolve().parent
+_MARKERS_BY_DIR = {"db": pytest.mark.db, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Add the ``db``/``e2e`` marker to every test collected below that directory."""
+    for item in items:
+        try:
+            top = item.path.resolve().relative_to(_TESTS).parts[0]
+        except (ValueError, IndexError):
+            continue
+        marker = _MARKERS_BY_DIR.get(top)
+        if marker is not None:
+            item.add_marker(marker)
