@@ -11,7 +11,7 @@ PYTHON := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 BIN := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/,)
 PYTEST_ARGS ?=
 
-.PHONY: venv controlplane testenv-up testenv-down test lint demo
+.PHONY: venv controlplane testenv-up testenv-down test lint demo bench
 
 venv:
 	python3.11 -m venv $(VENV)
@@ -42,3 +42,9 @@ lint:
 demo:
 	hack/testenv/build.sh >/dev/null
 	PYTHON=$(PYTHON) hack/demo.sh
+
+# Throughput, memory and latency figures (bench/README.md). BENCH_ARGS="--rows 10000000" etc.
+BENCH_ARGS ?=
+bench:
+	hack/testenv/build.sh >/dev/null
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)

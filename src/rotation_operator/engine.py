@@ -23,22 +23,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from . import audit, faults
+from . import audit, faults, mover
 from .config import RotationOptions, StoreConfig, Target
 from .errors import (
-    DatabaseUnavailable,
-    InvalidToken,
     RotationOperatorError,
     RowDecryptError,
-    UnknownKeyError,
 )
 from .keyring import KeyRing
-from .keystore import RETRYABLE as _RETRYABLE
 from .keystore import Conn, KeyStore, connect, db_errors, ident, rotation_lock
 
 log = logging.getLogger(__name__)
@@ -186,7 +181,7 @@ class Engine:
             progress(0, counter.total)
         while True:
             for target in self.cfg.targets:
-                self._move_target(conn, target, ring, options.batch_size, counter, progress,
+                self._move_target(conn, target, ring, options, counter, progress,
                                   requested=requested)
             with conn.transaction():
                 left = sum(self.store.count_not_under(conn, t, to_version)
@@ -214,7 +209,7 @@ class Engine:
             if progress:
                 progress(0, counter.total)
             for target in self.cfg.targets:
-                self._move_target(conn, target, ring, options.batch_size, counter, progress,
+                self._move_target(conn, target, ring, options, counter, progress,
                                   requested=None)
             faults.point("before-finish")
             retired = self._finish(conn, requested, ring.active_version, counter)
@@ -248,41 +243,32 @@ class Engine:
         return retired
 
     # -- moving rows ---------------------------------------------------------------------
-    def _move_target(self, conn: Conn, target: Target, ring: KeyRing, batch_size: int,
-                     counter: _Counter, progress: ProgressFn | None, *,
-                     requested: int | None) -> None:
-        """One pass over ``target`` by id; ``requested`` set = commit each batch (online)."""
-        mover = _BatchMover(target, ring, batch_size)
-        after: Any = None
-        while True:
-            moved, legacy, last = self._batch(conn, mover, after, requested)
+    def _move_target(self, conn: Conn, target: Target, ring: KeyRing,
+                     options: RotationOptions, counter: _Counter, progress: ProgressFn | None,
+                     *, requested: int | None) -> None:
+        """One pass over ``target``; ``requested`` set = online (commit each batch)."""
+        pl = mover.plan(conn, target, options.batch_size)
+
+        def on_batch(moved: int, legacy: int) -> None:
             counter.done += moved
             counter.legacy += legacy
             counter.batches += 1
             if progress and moved:
                 progress(counter.done, max(counter.total, counter.done))
-            faults.point("after-batch")
-            if last is None:
-                return
-            after = last
 
-    def _batch(self, conn: Conn, mover: _BatchMover, after: Any,
-               requested: int | None) -> tuple[int, int, Any]:
-        if requested is None:  # atomic: already inside the one transaction
-            return mover.run(conn, after)
-        for attempt in range(_BATCH_RETRIES):
-            try:
-                with conn.transaction():
-                    moved, legacy, last = mover.run(conn, after)
-                    if moved:
-                        self.store.add_progress(conn, requested, moved)
-                return moved, legacy, last
-            except _RETRYABLE as exc:
-                log.warning("batch on %s conflicted with an application transaction (%s); "
-                            "retrying", mover.target.name, type(exc).__name__)
-                time.sleep(0.05 * (attempt + 1))
-        raise DatabaseUnavailable(f"batch on {mover.target.name} kept conflicting with "
-                                  "application transactions; will retry")
+        # Starting a worker costs ~0.3 s: worth it only for tables of many batches.
+        if requested is not None and options.workers > 1 and pl.blocks > 16 * pl.step:
+            index = list(self.cfg.targets).index(target)
+            mover.run_parallel(self.dsn, self.cfg, index, self._kek, pl, options.workers,
+                               requested, on_batch)
+            return
+        batch = mover.BatchMover(target, ring)
+        for lo, hi in pl.ranges():
+            if requested is None:  # atomic: already inside the one transaction
+                on_batch(*batch.run(conn, lo, hi))
+            else:
+                on_batch(*mover.move_batch(conn, self.store, batch, lo, hi, requested))
+            faults.point("after-batch")
 
     # -- helpers -------------------------------------------------------------------------
     def _record_failure(self, conn: Conn, requested: int, exc: RotationOperatorError) -> None:
@@ -306,49 +292,3 @@ class Engine:
             after = self._sizes(conn)
         return {name: (before[name], after[name]) for name in before}
 
-
-class _BatchMover:
-    """The two statements of one batch for one target, built once."""
-
-    def __init__(self, target: Target, ring: KeyRing, batch_size: int):
-        self.target = target
-        self.ring = ring
-        self.batch_size = batch_size
-        t = ident(target.schema, target.table)
-        names = {"t": t, "id": sql.Identifier(target.id_column),
-                 "val": sql.Identifier(target.value_column),
-                 "kid": sql.Identifier(target.key_id_column)}
-        select = ("SELECT ctid::text, {id}, {kid}, {val} FROM {t} "
-                  "WHERE ({kid} IS NULL OR {kid} <> %(active)s) {after}"
-                  "ORDER BY {id} LIMIT %(limit)s FOR UPDATE")
-        self.first = sql.SQL(select).format(after=sql.SQL(""), **names)
-        self.next = sql.SQL(select).format(after=sql.SQL("AND {id} > %(after)s ").format(
-            **names), **names)
-        self.update = sql.SQL(
-            "UPDATE {t} AS r SET {val} = u.v, {kid} = %(active)s "
-            "FROM unnest(%(c)s::tid[], %(v)s::bytea[]) AS u(c, v) "
-            "WHERE r.ctid = u.c AND r.ctid = ANY(%(c)s::tid[])").format(**names)
-
-    def run(self, conn: Conn, after: Any) -> tuple[int, int, Any]:
-        """Move one batch; returns (moved, legacy moved, last id or None at the end)."""
-        active = self.ring.active_version
-        params = {"active": active, "limit": self.batch_size, "after": after}
-        with conn.cursor(binary=True) as cur:
-            rows = cur.execute(self.first if after is None else self.next, params).fetchall()
-            if not rows:
-                return 0, 0, None
-            ctids, values, legacy = [], [], 0
-            rotate = self.ring.rotate
-            for ctid, row_id, key_id, value in rows:
-                try:
-                    values.append(rotate(value, key_id))
-                except (InvalidToken, UnknownKeyError):
-                    raise RowDecryptError(self.target.name, row_id, key_id) from None
-                ctids.append(ctid)
-                legacy += key_id is None
-            cur.execute(self.update, {"active": active, "c": ctids, "v": values})
-            if cur.rowcount != len(rows):
-                raise RotationOperatorError(
-                    f"table {self.target.name}: updated {cur.rowcount} of {len(rows)} locked rows")
-        last = rows[-1][1] if len(rows) == self.batch_size else None
-        return len(rows), legacy, last

@@ -7,13 +7,23 @@ second.  The engine and the application library both build one from the keys tab
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
 from .errors import InvalidToken, UnknownKeyError
+
+
+class BadRow(Exception):
+    """Row ``index`` of a batch did not decrypt (or names an unknown key)."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,31 @@ class KeyRing:
         """
         plaintext = crypto.decrypt(self.aead(key_id), value)
         return crypto.encrypt(self._aeads[self.active_version], plaintext)
+
+    def rotate_many(self, rows: Sequence[tuple[bytes, int | None]]) -> list[bytes]:
+        """:meth:`rotate` for a batch: the hot loop of a rotation, kept lean.
+
+        Nonces come from one ``os.urandom`` call per batch (the same CSPRNG, fewer
+        syscalls).  Raises :class:`BadRow` with the index of the first row that does not
+        decrypt; nothing is returned for a batch with a bad row.
+        """
+        header, n_header = crypto.HEADER, len(crypto.HEADER)
+        start, overhead = n_header + crypto.NONCE_SIZE, crypto.OVERHEAD
+        active = self._aeads[self.active_version].encrypt
+        aeads = self._aeads
+        nonces = os.urandom(crypto.NONCE_SIZE * len(rows))
+        out = []
+        for i, (value, key_id) in enumerate(rows):
+            aead = aeads.get(key_id)
+            if aead is None or len(value) < overhead or value[:n_header] != header:
+                raise BadRow(i)
+            try:
+                plaintext = aead.decrypt(value[n_header:start], value[start:], header)
+            except InvalidTag:
+                raise BadRow(i) from None
+            nonce = nonces[i * crypto.NONCE_SIZE:(i + 1) * crypto.NONCE_SIZE]
+            out.append(header + nonce + active(nonce, plaintext, header))
+        return out
 
     def can_decrypt(self, value: bytes, key_id: int | None) -> bool:
         try:
