@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "a version already served does nothing")
     rotate.add_argument("--no-vacuum", action="store_true",
                         help="skip VACUUM (ANALYZE) of the targets afterwards")
-    rotate.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="processes re-encrypting in parallel in online mode (default 1)")
+    rotate.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="processes re-encrypting in parallel in online mode, for tables "
+                             "of more than 16 batches (default 2; 1..8)")
     rotate.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long for another rotation to finish (default 0)")
     rotate.add_argument("--actor", default=None,

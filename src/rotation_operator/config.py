@@ -129,20 +129,25 @@ class RotationOptions:
     mode: Mode = "Online"
     batch_size: int = DEFAULT_BATCH
     vacuum: bool = True
-    #: Processes that re-encrypt in parallel (online mode); 1 = in this process only.
-    workers: int = 1
+    #: Processes that re-encrypt in parallel (online mode, tables of more than 16 batches);
+    #: 1 = in this process only.
+    workers: int = 2
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"rotation mode {self.mode!r} is not one of {', '.join(MODES)}")
+        # bool is an int to Python; a string or float from a loose spec is not a count.
+        for name, value in (("batchSize", self.batch_size), ("workers", self.workers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} {value!r} is not an integer")
         if not MIN_BATCH <= self.batch_size <= MAX_BATCH:
             raise ConfigError(
                 f"batchSize {self.batch_size} is outside {MIN_BATCH}..{MAX_BATCH} "
                 "(larger batches flip PostgreSQL to a slower hash-join plan)"
             )
-        if not 1 <= self.workers <= 16:
-            raise ConfigError(f"workers {self.workers} is outside 1..16")
+        if not 1 <= self.workers <= 8:
+            raise ConfigError(f"workers {self.workers} is outside 1..8")
 
 
 def targets_from_spec(items: Iterable[Mapping[str, Any]]) -> list[Target]:

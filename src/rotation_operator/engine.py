@@ -136,13 +136,15 @@ class Engine:
                                       ring.active_version, ring.active_version)
             sizes = self._sizes(conn)
             conn.commit()
+            # An interrupted rotation of this version is finished, in either mode, under
+            # the key it minted: a second key for one version would break invariant 5.
             resume = (running is not None and running.requested_version == requested_version
-                      and options.mode == "Online" and running.to_version == ring.active_version)
+                      and running.to_version == ring.active_version)
             counter = _Counter()
             try:
                 if options.mode == "Atomic":
                     result = self._rotate_atomic(conn, requested_version, ring, options,
-                                                 counter, progress)
+                                                 counter, progress, resume)
                 else:
                     result = self._rotate_online(conn, requested_version, ring, options,
                                                  counter, progress, resume)
@@ -197,13 +199,20 @@ class Engine:
 
     def _rotate_atomic(self, conn: Conn, requested: int, ring: KeyRing,
                        options: RotationOptions, counter: _Counter,
-                       progress: ProgressFn | None) -> tuple[int | None, int, tuple[int, ...]]:
-        from_version = ring.active_version
+                       progress: ProgressFn | None, resume: bool = False
+                       ) -> tuple[int | None, int, tuple[int, ...]]:
+        from_version: int | None = ring.active_version
         with conn.transaction():
             for target in self.cfg.targets:  # readers go on; writers wait for the commit
                 conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
                     ident(target.schema, target.table)))
-            ring = self._mint(conn, requested, ring, "Atomic")
+            if resume:  # an interrupted (online) rotation of this version: no new key
+                from_version = next(r.from_version for r in self.store.rotation_records(conn)
+                                    if r.requested_version == requested)
+                log.info("finishing the interrupted rotation to policy version %s (DEK v%s) "
+                         "atomically", requested, ring.active_version)
+            else:
+                ring = self._mint(conn, requested, ring, "Atomic")
             counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
                                 for t in self.cfg.targets)
             if progress:
@@ -211,6 +220,8 @@ class Engine:
             for target in self.cfg.targets:
                 self._move_target(conn, target, ring, options, counter, progress,
                                   requested=None)
+            if counter.done:  # status and `status` show how many rows this rotation moved
+                self.store.add_progress(conn, requested, counter.done)
             faults.point("before-finish")
             retired = self._finish(conn, requested, ring.active_version, counter)
         return from_version, ring.active_version, retired

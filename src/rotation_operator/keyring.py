@@ -38,6 +38,7 @@ class KeyRing:
     kek: bytes = field(repr=False)
     _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
                                               compare=False)
+    _active: AESGCM = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.active_version not in self.deks:
@@ -45,6 +46,7 @@ class KeyRing:
         self._aeads[None] = AESGCM(self.kek)
         for version, dek in self.deks.items():
             self._aeads[version] = AESGCM(dek)
+        object.__setattr__(self, "_active", self._aeads[self.active_version])
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -59,11 +61,27 @@ class KeyRing:
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:
         """Encrypt under the active DEK; returns ``(value, key_id)`` to store together."""
-        return crypto.encrypt(self._aeads[self.active_version], plaintext), self.active_version
+        if not isinstance(plaintext, bytes):
+            raise TypeError("plaintext must be bytes")
+        nonce = os.urandom(crypto.NONCE_SIZE)
+        value = crypto.HEADER + nonce + self._active.encrypt(nonce, plaintext, crypto.HEADER)
+        return value, self.active_version
 
     def decrypt(self, value: bytes, key_id: int | None) -> bytes:
-        """Decrypt a stored value; ``key_id`` ``None`` means a legacy (KEK) row."""
-        return crypto.decrypt(self.aead(key_id), value)
+        """Decrypt a stored value; ``key_id`` ``None`` means a legacy (KEK) row.
+
+        The same checks as :func:`crypto.decrypt`, inlined: this is the application's hot
+        path.  Any failure is the opaque :class:`InvalidToken`.
+        """
+        aead = self.aead(key_id)
+        if not isinstance(value, bytes):
+            return crypto.decrypt(aead, value)  # memoryview etc.: the general path
+        if len(value) < crypto.OVERHEAD or not value.startswith(crypto.HEADER):
+            raise InvalidToken()
+        try:
+            return aead.decrypt(value[3:15], value[15:], crypto.HEADER)
+        except InvalidTag:
+            raise InvalidToken() from None
 
     def rotate(self, value: bytes, key_id: int | None) -> bytes:
         """Decrypt under ``key_id`` and re-encrypt under the active DEK.

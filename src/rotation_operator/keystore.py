@@ -64,10 +64,29 @@ def ident(schema: str | None, name: str) -> sql.Identifier:
     return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
 
-def lock_id(cfg: StoreConfig, purpose: str) -> int:
-    """A stable 64-bit advisory-lock key for this keys table and purpose."""
-    digest = hashlib.sha256(f"rotation-operator:{purpose}:{cfg.qualified_keys}".encode()).digest()
+def lock_id(cfg: StoreConfig, purpose: str, qualified: str | None = None) -> int:
+    """A stable 64-bit advisory-lock key for this keys table (``qualified``: its name as
+    resolved by :func:`lock_key`) and purpose."""
+    name = qualified or cfg.qualified_keys
+    digest = hashlib.sha256(f"rotation-operator:{purpose}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_key(conn: Conn, cfg: StoreConfig, purpose: str) -> int:
+    """:func:`lock_id` of the keys table as PostgreSQL resolves its name.
+
+    ``encryption_keys`` (found through the search_path) and ``public.encryption_keys`` are
+    one table, so they must be one lock: an operator without ``schema`` and a CLI run with
+    ``--schema public`` would otherwise rotate the same keys at once.
+    """
+    if cfg.schema:
+        return lock_id(cfg, purpose)
+    row = conn.execute(
+        "SELECT coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(quote_ident(%s))), "
+        "current_schema())", (cfg.keys_table,)).fetchone()
+    schema = row[0] if row else None
+    return lock_id(cfg, purpose, f"{schema}.{cfg.keys_table}" if schema else None)
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,8 @@ class KeyStore:
     def migrate(self, conn: Conn) -> None:
         """Create or upgrade the operator's own tables; idempotent, safe concurrently."""
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(self.cfg, "migrate"),))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                         (lock_key(conn, self.cfg, "migrate"),))
             if self.cfg.schema:
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                     sql.Identifier(self.cfg.schema)))
@@ -185,7 +205,8 @@ class KeyStore:
         Serialised by a transaction-scoped advisory lock, so two initialisers make one key.
         """
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(self.cfg, "init"),))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                         (lock_key(conn, self.cfg, "init"),))
             row = conn.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE active) "
                                        "FROM {keys}").format(keys=self.keys)).fetchone()
             total, active = row if row else (0, 0)
@@ -243,7 +264,8 @@ class KeyStore:
                         actor: str) -> bool:
         """Record a fresh policy's version without rotating, if nothing is recorded yet."""
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(self.cfg, "init"),))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                         (lock_key(conn, self.cfg, "init"),))
             row = conn.execute(sql.SQL("SELECT count(*) FROM {rot}").format(
                 rot=self.rotations)).fetchone()
             if row and row[0]:
@@ -261,9 +283,15 @@ class KeyStore:
         conn.execute(sql.SQL(
             "UPDATE {rot} SET phase = 'superseded', finished_at = now() WHERE phase = 'running'"
         ).format(rot=self.rotations))
+        # A version whose rotation was superseded (a higher one was requested meanwhile)
+        # may be requested again later: its record starts over.
         conn.execute(sql.SQL(
             "INSERT INTO {rot} (requested_version, phase, mode, from_version, to_version, "
-            "requested_by, total) VALUES (%s, 'running', %s, %s, %s, %s, %s)"
+            "requested_by, total) VALUES (%s, 'running', %s, %s, %s, %s, %s) "
+            "ON CONFLICT (requested_version) DO UPDATE SET phase = 'running', "
+            "mode = EXCLUDED.mode, from_version = EXCLUDED.from_version, "
+            "to_version = EXCLUDED.to_version, requested_by = EXCLUDED.requested_by, "
+            "started_at = now(), finished_at = NULL, re_encrypted = 0, total = EXCLUDED.total"
         ).format(rot=self.rotations), (requested, mode, from_version, to_version, actor, total))
 
     def add_progress(self, conn: Conn, requested: int, moved: int) -> None:
@@ -335,8 +363,8 @@ def rotation_lock(dsn: str, cfg: StoreConfig, wait: float = 0.0) -> Iterator[Con
     Raises :class:`LockHeld` if another rotator has it after ``wait`` seconds.
     """
     conn = connect(dsn, autocommit=True, application_name="rotation-operator-lock")
-    key = lock_id(cfg, "rotate")
     try:
+        key = lock_key(conn, cfg, "rotate")
         deadline = time.monotonic() + wait
         while True:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()

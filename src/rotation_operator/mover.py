@@ -6,11 +6,11 @@ type, and lets disjoint ranges go to separate worker processes with no coordinat
 
 One batch, inside one transaction::
 
-    SELECT ctid, id, key_id, value FROM t
+    SELECT ctid, id, key_id, value, xmin FROM t
      WHERE ctid >= '(lo,0)' AND ctid < '(hi,0)' AND key_id IS DISTINCT FROM <active>
     -- decrypt (GCM authenticates every row) and re-encrypt under the active DEK in Python
     UPDATE t SET value = u.v, key_id = <active>
-      FROM unnest(<ctids>, <values>) u(c, v) WHERE t.ctid = u.c
+      FROM unnest(<ctids>, <values>, <xmins>) u(c, v, x) WHERE t.ctid = u.c AND t.xmin = u.x
 
 The ``ctid`` match is also the optimistic concurrency check, without ``FOR UPDATE``'s extra
 tuple-lock writes: any application UPDATE of a row gives it a new ctid, so a row changed
@@ -18,6 +18,13 @@ between our SELECT and UPDATE is simply not matched (PostgreSQL re-checks the co
 the newest row version) and is picked up by a later pass.  The transaction's own lock on the
 table keeps VACUUM FULL / CLUSTER from renumbering tuples in between.  Rows our UPDATE moves
 to later pages are under the active key already and are skipped.
+
+``ctid`` alone names a *slot*, not a row version: if VACUUM freed the slot of a row the
+application deleted in between, another row's new version could take it, and a ctid-only
+UPDATE would write the deleted row's plaintext into that other row.  Today the SELECT's
+portal holds back the xmin horizon until the UPDATE, so VACUUM cannot free the slot; the
+``xmin`` match (the inserting transaction of the exact version we read) makes that safe by
+construction rather than by a protocol detail (tests/db/test_engine_races.py).
 """
 
 from __future__ import annotations
@@ -90,13 +97,13 @@ class BatchMover:
                  "val": sql.Identifier(target.value_column),
                  "kid": sql.Identifier(target.key_id_column)}
         self.select = sql.SQL(
-            "SELECT ctid, {id}, {kid}, {val} FROM {t} "
+            "SELECT ctid, {id}, {kid}, {val}, xmin::text::bigint FROM {t} "
             "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid "
             "AND ({kid} IS NULL OR {kid} <> %(active)s)").format(**names)
         self.update = sql.SQL(
             "UPDATE {t} AS r SET {val} = u.v, {kid} = %(active)s "
-            "FROM unnest(%(c)b::tid[], %(v)b::bytea[]) AS u(c, v) "
-            "WHERE r.ctid = u.c").format(**names)
+            "FROM unnest(%(c)b::tid[], %(v)b::bytea[], %(x)b::bigint[]) AS u(c, v, x) "
+            "WHERE r.ctid = u.c AND r.xmin::text::bigint = u.x").format(**names)
 
     def run(self, conn: Conn, lo: int, hi: int) -> tuple[int, int]:
         """Move the rows in blocks [lo, hi); returns (moved, legacy moved).
@@ -119,7 +126,8 @@ class BatchMover:
                 raise RowDecryptError(self.target.name, row[1], row[2]) from None
             ctids = [r[0] for r in rows]
             legacy = sum(1 for r in rows if r[2] is None)
-            cur.execute(self.update, {"active": active, "c": ctids, "v": values})
+            cur.execute(self.update, {"active": active, "c": ctids, "v": values,
+                                      "x": [r[4] for r in rows]})
             moved = cur.rowcount
         # Rows changed concurrently were skipped; the legacy tally is exact when none was.
         return moved, legacy if moved == len(rows) else min(legacy, moved)

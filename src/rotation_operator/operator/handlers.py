@@ -44,9 +44,12 @@ def boundary(policy: workflow.Policy, events: _Events) -> Iterator[None]:
     try:
         yield
     except RotationOperatorError as exc:
-        workflow.fail(policy, exc, events)
+        if not getattr(exc, "status_written", False):  # reconcile reports its own
+            workflow.fail(policy, exc, events)
         if exc.retryable:
-            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=exc.retry_delay) from None
+            cap = operator_settings.current.max_retry_delay
+            delay = exc.retry_delay if cap is None else min(exc.retry_delay, cap)
+            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=delay) from None
         raise kopf.PermanentError(f"{exc.reason}: {exc}") from None
 
 
@@ -71,9 +74,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.scanning.disabled = True
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE, field="spec")
+def _spec_changed(diff: kopf.Diff, **_: Any) -> bool:
+    """Only spec changes matter (labels, annotations and status do not)."""
+    return any(not item.field or item.field[0] == "spec" for item in diff)
+
+
+# One handler id for all three causes, so Kopf calls ``reconcile`` once per cycle.  With
+# ``field="spec"`` the update handler's id became "reconcile/spec", and an object whose
+# spec changed while the operator was down ran reconcile twice on restart (resume and
+# update); the second, no-op run overwrote Ready's RotationSucceeded ("resumed after an
+# interruption") with KeysReady.  ``when=`` keeps the spec-only filter.
+@kopf.on.resume(*RESOURCE, id="reconcile")
+@kopf.on.create(*RESOURCE, id="reconcile")
+@kopf.on.update(*RESOURCE, id="reconcile", when=_spec_changed)
 def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any],
               **_: Any) -> None:
     """Create, operator restart, spec change: initialise, rotate if asked, report."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def _env_float(name: str, default: float) -> float:
@@ -27,19 +28,38 @@ class OperatorSettings:
     #: ``json`` or ``plain`` logs.
     log_format: str = "plain"
     verbose: bool = False
+    #: Upper bound on the retry delay after a retryable error (``None``: each error's
+    #: own delay, 10-120 s).  Lower it where a fixed Secret or RBAC rule should heal fast.
+    max_retry_delay: float | None = None
     #: Run without Kopf peering (one replica; the Deployment uses ``Recreate``).
     standalone: bool = True
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def _seconds(minimum: float, inclusive: bool) -> Any:
+    def parse(text: str) -> float:
+        value = float(text)
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'more than'} {minimum:g} seconds")
+        return value
+    return parse
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--namespace", action="append", default=None, metavar="NS",
                    help="watch only this namespace (repeatable; default: all namespaces, "
                         "env WATCH_NAMESPACES comma-separated)")
-    p.add_argument("--refresh-interval", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--refresh-interval", type=_seconds(0, inclusive=False), default=None,
+                   metavar="SECONDS",
                    help="seconds between count refreshes (default 60, env REFRESH_INTERVAL)")
-    p.add_argument("--progress-interval", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--progress-interval", type=_seconds(0, inclusive=True), default=None,
+                   metavar="SECONDS",
                    help="minimum seconds between progress updates in status (default 2)")
+    p.add_argument("--max-retry-delay", type=_seconds(0, inclusive=False), default=None,
+                   metavar="SECONDS",
+                   help="cap on the delay before retrying after a retryable error (default: "
+                        "the error's own, 10-120 s; env MAX_RETRY_DELAY)")
     p.add_argument("--liveness", default=None, metavar="URL",
                    help="liveness endpoint (default http://0.0.0.0:8080/healthz; '' disables)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
@@ -56,8 +76,13 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         "LIVENESS_ENDPOINT", OperatorSettings.liveness)
     return OperatorSettings(
         namespaces=tuple(namespaces),
-        refresh_interval=args.refresh_interval or _env_float("REFRESH_INTERVAL", 60.0),
-        progress_interval=args.progress_interval or _env_float("PROGRESS_INTERVAL", 2.0),
+        # ``is not None``, not ``or``: --progress-interval 0 (publish every batch) is valid.
+        refresh_interval=args.refresh_interval if args.refresh_interval is not None
+        else _env_float("REFRESH_INTERVAL", 60.0),
+        progress_interval=args.progress_interval if args.progress_interval is not None
+        else _env_float("PROGRESS_INTERVAL", 2.0),
+        max_retry_delay=args.max_retry_delay if args.max_retry_delay is not None
+        else (_env_float("MAX_RETRY_DELAY", 0.0) or None),
         liveness=liveness,
         metrics_port=args.metrics_port if args.metrics_port is not None else int(
             os.environ.get("METRICS_PORT", "9090")),

@@ -16,11 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psycopg
+
 from .. import crypto
 from ..config import RotationOptions, StoreConfig, Target
 from ..engine import Engine, RotationResult
-from ..errors import ConfigError, RotationOperatorError
+from ..errors import ConfigError, RotationOperatorError, SchemaError
 from ..inspection import Snapshot, snapshot
+from ..keystore import KeyStore, connect, db_errors, first_line
 from . import conditions, kube, metrics
 from .conditions import DEGRADED, READY, ROTATING
 from .decisions import Action, decide, wants_rotation
@@ -69,7 +72,7 @@ class Policy:
     def options(self) -> RotationOptions:
         r = self.spec.get("rotation") or {}
         return RotationOptions(mode=r.get("mode", "Online"), batch_size=r.get("batchSize", 5000),
-                               vacuum=r.get("vacuum", True))
+                               vacuum=r.get("vacuum", True), workers=r.get("workers", 2))
 
     def conditions(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.status.get("conditions") or []]
@@ -119,9 +122,21 @@ def read_secrets(policy: Policy) -> tuple[str, bytes]:
 def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter) -> str:
     """Initialise, rotate if spec.version asks for it, and write the full status.
 
-    Returns a short summary for the handler's log line.
+    Returns a short summary for the handler's log line.  On failure the status is
+    written here, continuing from this run's own writes (the handler's body predates
+    them), and the error is re-raised marked as reported for the handler boundary.
     """
     writer = StatusWriter(policy)
+    try:
+        return _reconcile(policy, settings, events, writer)
+    except RotationOperatorError as exc:
+        fail(policy, exc, events, writer)
+        exc.status_written = True  # type: ignore[attr-defined]
+        raise
+
+
+def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
+               writer: StatusWriter) -> str:
     desired = policy.desired
     if wants_rotation(desired, policy.status.get("observedVersion")):
         # Flag it before any slow work: pipelines watch for Rotating within a second.
@@ -157,8 +172,10 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
             "startedAt": started, "finishedAt": None, "done": 0, "total": 0}
     writer.patch({"rotation": base})
     last = [0.0]
+    seen = {"done": 0, "total": 0}  # the latest counts, for the Failed record too
 
     def progress(done: int, total: int) -> None:
+        seen.update(done=done, total=total)
         if time.monotonic() - last[0] < settings.progress_interval and done < total:
             return
         last[0] = time.monotonic()
@@ -175,7 +192,10 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
         result = engine.rotate(desired, options, progress=progress)
     except RotationOperatorError as exc:
         metrics.ROTATIONS.labels(*labels, "failed").inc()
-        writer.patch({"rotation": {**base, "phase": "Failed", "message": str(exc)}},
+        # Keep the last counts (a merge patch of ``base`` would reset done/total to 0
+        # under a stale ``progress`` string).
+        writer.patch({"rotation": {**base, **seen, "phase": "Failed", "message": str(exc),
+                                   "progress": _progress(seen["done"], seen["total"])}},
                      with_conditions=False)
         raise
     metrics.DURATION.labels(*labels).observe(time.monotonic() - t0)
@@ -208,21 +228,44 @@ def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
 
 
 def refresh(policy: Policy) -> bool:
-    """Timer: refresh counts and keys (needs the DSN only).  False if a rotation is busy."""
+    """Timer: refresh counts and keys.  False if a rotation is busy.
+
+    Counting needs the DSN only.  Clearing a transient failure (Ready=False because a
+    Secret, the RBAC grant or the database was missing) needs everything reconcile
+    needs: both Secrets readable, the KEK well-formed and matching the stored keys.
+    Checking the DSN alone made Ready flap to True every refresh while the KEK Secret
+    was still missing.
+    """
+    if policy.status.get("observedVersion") is None:
+        # Never initialised (e.g. the KEK Secret is missing): there are no key tables to
+        # count yet, and creating them is reconcile's job, after it has proved the KEK.
+        return True
+    ready = conditions.get(policy.conditions(), READY)
+    transient = ready is not None and ready.get("reason") in _TRANSIENT
+    cfg = policy.store_config()
+    kek: bytes | None = None
     lock = policy_lock(policy)
     if not lock.acquire(blocking=False):
         return False
     try:
-        db_ref = (policy.spec.get("database") or {}).get("secretRef") or {}
-        dsn = kube.read_secret(policy.namespace, db_ref.get("name", ""), db_ref.get("key", "dsn"),
-                               "database DSN").decode().strip()
-        snap = snapshot(dsn, policy.store_config())
+        if transient:
+            dsn, kek = read_secrets(policy)
+        else:
+            db_ref = (policy.spec.get("database") or {}).get("secretRef") or {}
+            dsn = kube.read_secret(policy.namespace, db_ref.get("name", ""),
+                                   db_ref.get("key", "dsn"), "database DSN").decode().strip()
+        try:
+            snap = snapshot(dsn, cfg)
+        except psycopg.Error as exc:  # e.g. a target or key table dropped by hand
+            raise SchemaError(f"cannot count keys and rows: {first_line(exc)}") from None
+        healed = transient and snap.served_version is not None and \
+            snap.served_version >= policy.desired
+        if healed and kek is not None:
+            with db_errors(), connect(dsn) as conn:
+                KeyStore(cfg).load_ring(conn, kek)  # fail closed: KekMismatchError
     finally:
         lock.release()
     writer = StatusWriter(policy)
-    ready = conditions.get(writer.conds, READY)
-    healed = ready is not None and ready.get("reason") in _TRANSIENT and \
-        snap.served_version is not None and snap.served_version >= policy.desired
     if healed:
         writer.condition(READY, True, "KeysReady", f"active key v{snap.active_version}; "
                                                    "database and Secrets reachable again")
@@ -233,9 +276,14 @@ def refresh(policy: Policy) -> bool:
     return True
 
 
-def fail(policy: Policy, exc: RotationOperatorError, events: Reporter) -> None:
-    """The boundary's status write for a failure: Ready=False with the error's reason."""
-    writer = StatusWriter(policy)
+def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
+         writer: StatusWriter | None = None) -> None:
+    """The status write for a failure: Ready=False with the error's reason.
+
+    ``writer``: the failing run's own, so a rotation it flagged (Rotating=True, written
+    after Kopf took the body) is reported as RotationFailed rather than Idle.
+    """
+    writer = writer or StatusWriter(policy)
     was_rotating = (conditions.get(writer.conds, ROTATING) or {}).get("status") == "True"
     writer.condition(READY, False, exc.reason, str(exc))
     writer.condition(ROTATING, False, "RotationFailed" if was_rotating else "Idle",

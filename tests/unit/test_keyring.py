@@ -1,0 +1,76 @@
+"""KeyRing: decrypt with whichever key a row names, encrypt under the active one."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rotation_operator import crypto
+from rotation_operator.errors import InvalidToken, UnknownKeyError
+from rotation_operator.keyring import KeyRing
+
+KEK = os.urandom(32)
+DEKS = {1: os.urandom(32), 2: os.urandom(32), 5: os.urandom(32)}
+
+
+def ring(active: int = 5) -> KeyRing:
+    return KeyRing(active, dict(DEKS), KEK)
+
+
+@settings(max_examples=100, deadline=None)
+@given(plaintext=st.binary(max_size=1024), key_id=st.sampled_from([None, 1, 2, 5]))
+def test_rotate_round_trip_from_any_key(plaintext: bytes, key_id: int | None) -> None:
+    r = ring()
+    old = crypto.encrypt(KEK if key_id is None else DEKS[key_id], plaintext)
+    assert r.decrypt(old, key_id) == plaintext
+    new = r.rotate(old, key_id)
+    assert r.decrypt(new, 5) == plaintext
+    assert crypto.decrypt(DEKS[5], new) == plaintext
+
+
+@settings(max_examples=100, deadline=None)
+@given(plaintext=st.binary(max_size=512))
+def test_encrypt_uses_the_active_key(plaintext: bytes) -> None:
+    value, key_id = ring(2).encrypt(plaintext)
+    assert key_id == 2
+    assert crypto.decrypt(DEKS[2], value) == plaintext
+    with pytest.raises(InvalidToken):
+        ring().decrypt(value, 1)
+    with pytest.raises(InvalidToken):
+        ring().decrypt(value, None)
+
+
+def test_wrong_key_id_or_unknown_key() -> None:
+    r = ring()
+    value = crypto.encrypt(DEKS[1], b"x")
+    with pytest.raises(InvalidToken):
+        r.decrypt(value, 2)
+    with pytest.raises(InvalidToken):
+        r.rotate(value, None)
+    with pytest.raises(UnknownKeyError, match="key version 7"):
+        r.decrypt(value, 7)
+    assert r.can_decrypt(value, 1)
+    assert not r.can_decrypt(value, 2) and not r.can_decrypt(value, 7)
+
+
+def test_active_key_must_be_in_the_ring() -> None:
+    with pytest.raises(ValueError, match="v3"):
+        KeyRing(3, dict(DEKS), KEK)
+
+
+def test_versions_sorted() -> None:
+    assert ring().versions == (1, 2, 5)
+
+
+def test_repr_and_str_show_no_key_material() -> None:
+    r = ring()
+    text = repr(r) + str(r)
+    assert "active_version=5" in text
+    for key in [KEK, *DEKS.values()]:
+        for form in (key.hex(), key.hex().upper(), base64.b64encode(key).decode(),
+                     base64.urlsafe_b64encode(key).decode(), repr(key), repr(key)[2:-1]):
+            assert form not in text
