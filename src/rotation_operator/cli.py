@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--workers", type=int, default=2, metavar="N",
                         help="processes re-encrypting in parallel in online mode, for tables "
                              "of more than 16 batches (default 2; 1..8)")
+    rotate.add_argument("--grace", type=float, default=2.0, metavar="SECONDS",
+                        help="online mode: wait this long after minting the new key before "
+                             "the final pass, at least the applications' key-ring max_age "
+                             "(default 2)")
     rotate.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long for another rotation to finish (default 0)")
     rotate.add_argument("--actor", default=None,
@@ -257,7 +261,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     from .engine import Engine
 
     options = RotationOptions(mode=args.mode, batch_size=args.batch_size,
-                              vacuum=not args.no_vacuum, workers=args.workers)
+                              vacuum=not args.no_vacuum, workers=args.workers,
+                              grace=args.grace)
     engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args))
     bar = _ProgressBar()
     try:

@@ -132,6 +132,10 @@ class RotationOptions:
     #: Processes that re-encrypt in parallel (online mode, tables of more than 16 batches);
     #: 1 = in this process only.
     workers: int = 2
+    #: Seconds after minting before the final pass of an online rotation: at least the
+    #: application library's ``max_age`` (1 s by default), so every writer has moved to the
+    #: new key before the old one is retired.
+    grace: float = 2.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,6 +150,8 @@ class RotationOptions:
                 f"batchSize {self.batch_size} is outside {MIN_BATCH}..{MAX_BATCH} "
                 "(larger batches flip PostgreSQL to a slower hash-join plan)"
             )
+        if not isinstance(self.grace, int | float) or not 0 <= self.grace <= 3600:
+            raise ConfigError(f"grace {self.grace!r} is outside 0..3600 seconds")
         if not 1 <= self.workers <= 8:
             raise ConfigError(f"workers {self.workers} is outside 1..8")
 

@@ -7,11 +7,13 @@ Kubernetes.  The shape of one rotation:
 2. decide from the rotation records what the request means: already served (no-op),
    an interrupted rotation to resume, or a new one;
 3. **Online**: commit the new DEK as active and the old one as retiring in one short
-   transaction, then move rows in batches (``SELECT … FOR UPDATE`` by id, decrypt-check-
-   encrypt in Python, one set-based ``UPDATE … FROM unnest``), each batch its own
-   transaction, pass after pass until no row is under a non-active key; then retire the
-   old keys and mark the rotation done in one transaction.  Progress lives in the rows,
-   so a crash anywhere resumes where it stopped.
+   transaction, then move rows in batches (:mod:`.mover`: a heap block range read by TID,
+   decrypt-check-encrypt in Python, one set-based ``UPDATE … FROM unnest`` guarded by
+   ctid and xmin), each batch its own transaction, in ``workers`` processes for big
+   tables; wait ``grace`` seconds after minting and for older transactions to end
+   (:meth:`Engine._settle`), and pass again until no row is under a non-active key; then
+   retire the old keys and mark the rotation done in one transaction.  Progress lives in
+   the rows, so a crash anywhere resumes where it stopped.
    **Atomic**: the same steps inside one transaction with the targets locked against
    writes: all or nothing.
 4. optionally ``VACUUM (ANALYZE)`` the targets (every row was rewritten).
@@ -181,10 +183,15 @@ class Engine:
         conn.commit()
         if progress:
             progress(0, counter.total)
+        settled = False
         while True:
             for target in self.cfg.targets:
                 self._move_target(conn, target, ring, options, counter, progress,
                                   requested=requested)
+            if not settled:
+                self._settle(conn, to_version, options.grace)
+                settled = True
+                continue  # one more pass for what arrived while settling
             with conn.transaction():
                 left = sum(self.store.count_not_under(conn, t, to_version)
                            for t in self.cfg.targets)
@@ -196,6 +203,37 @@ class Engine:
                 faults.point("before-finish")
                 retired = self._finish(conn, requested, to_version, counter)
             return from_version, to_version, retired
+
+    def _settle(self, conn: Conn, to_version: int, grace: float) -> None:
+        """Make sure no writer can still be encrypting under an old key before the last
+        pass and the retirement (invariant 4 with applications writing concurrently).
+
+        Two gaps close here: an application's key ring may not have noticed the new
+        active key yet (the library re-checks every ``max_age`` seconds, so we wait until
+        ``grace`` seconds have passed since the key was minted), and a transaction that
+        encrypted under the old key may not have committed yet (we wait, bounded, for every
+        transaction older than the new key to end).
+        """
+        row = conn.execute(sql.SQL(
+            "SELECT extract(epoch FROM clock_timestamp() - created_at)::float8, created_at "
+            "FROM {} WHERE version = %s").format(self.store.keys), (to_version,)).fetchone()
+        if row is None:
+            return
+        age, minted = row
+        if grace > age:
+            time.sleep(grace - age)
+        deadline = time.monotonic() + max(grace, 1.0) * 15
+        while time.monotonic() < deadline:
+            older = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+                "AND xact_start < %s", (minted,)).fetchone()
+            if not older or not older[0]:
+                return
+            time.sleep(0.1)
+        log.warning("transactions older than DEK v%s are still open; finishing without "
+                    "waiting for them (rows they write under an old key stay readable and "
+                    "are counted as stale)", to_version)
 
     def _rotate_atomic(self, conn: Conn, requested: int, ring: KeyRing,
                        options: RotationOptions, counter: _Counter,

@@ -30,7 +30,7 @@ from tests.db.apptable import (
 )
 from tests.fixtures._env import testenv
 
-ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False)
+ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
 ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 

@@ -19,7 +19,7 @@ from rotation_operator.keyring import KeyRing
 from rotation_operator.library import Encryptor
 from tests.db.apptable import App, make_app, plaintext_for, read_rows
 
-ONLINE = RotationOptions(mode="Online", batch_size=5000, vacuum=False)
+ONLINE = RotationOptions(mode="Online", batch_size=5000, vacuum=False, grace=0.0)
 
 
 def _between_select_and_update(monkeypatch: pytest.MonkeyPatch,

@@ -24,7 +24,7 @@ from tests.db.apptable import (
     verify_audit,
 )
 
-ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False)
+ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
 ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 

@@ -72,7 +72,8 @@ class Policy:
     def options(self) -> RotationOptions:
         r = self.spec.get("rotation") or {}
         return RotationOptions(mode=r.get("mode", "Online"), batch_size=r.get("batchSize", 5000),
-                               vacuum=r.get("vacuum", True), workers=r.get("workers", 2))
+                               vacuum=r.get("vacuum", True), workers=r.get("workers", 2),
+                               grace=r.get("graceSeconds", 2.0))
 
     def conditions(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.status.get("conditions") or []]
