@@ -36,6 +36,7 @@ lint:
 	$(BIN)ruff check src tests hack
 	$(BIN)mypy
 	$(BIN)lint-imports
+	$(BIN)hadolint Dockerfile
 
 # A real rotation on a local control plane + PostgreSQL, with the operator running as its
 # own least-privilege identity (see hack/demo.sh).
