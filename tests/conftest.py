@@ -14,6 +14,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.fix_cluster",
     "tests.fixtures.fix_db",
+    "tests.fixtures.fix_operator",
 ]
 
 _TESTS = Path(__file__).resolve().parent

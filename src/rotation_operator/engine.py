@@ -93,11 +93,7 @@ class Engine:
         """Create own tables, check targets, ensure an active key, prove the KEK (fail
         closed), and record ``policy_version`` as served if nothing was recorded yet."""
         with db_errors(), connect(self.dsn) as conn:
-            self.store.migrate(conn)
-            for target in self.cfg.targets:
-                self.store.check_target(conn, target)
-            conn.commit()
-            created = self.store.ensure_active_key(conn, self._kek, self.actor, policy_version)
+            created = self._prepare(conn, policy_version)
             ring = self.store.load_ring(conn, self._kek)
             conn.commit()
             baseline = False
@@ -107,6 +103,17 @@ class Engine:
             served = self.store.served_version(conn)
             conn.commit()
             return InitResult(ring.active_version, created, baseline, served)
+
+    def _prepare(self, conn: Conn, policy_version: int | None) -> bool:
+        """Read-only checks first (targets; the KEK against legacy rows while no key
+        exists), then create/migrate own tables and ensure an active key.  A bad target or
+        a KEK that opens no legacy row stops here, before the database is touched."""
+        for target in self.cfg.targets:
+            self.store.check_target(conn, target)
+        if not self.store.has_keys(conn):
+            self.store.check_legacy_kek(conn, self._kek)
+        self.store.migrate(conn)
+        return self.store.ensure_active_key(conn, self._kek, self.actor, policy_version)
 
     # -- rotate --------------------------------------------------------------------------
     def rotate(self, requested_version: int | None = None,
@@ -121,10 +128,7 @@ class Engine:
         started = time.monotonic()
         with db_errors(), rotation_lock(self.dsn, self.cfg, lock_wait), \
                 connect(self.dsn) as conn:
-            self.store.migrate(conn)
-            for target in self.cfg.targets:
-                self.store.check_target(conn, target)
-            self.store.ensure_active_key(conn, self._kek, self.actor)
+            self._prepare(conn, None)
             ring = self.store.load_ring(conn, self._kek)  # fail closed before any write
             records = self.store.rotation_records(conn)
             conn.commit()

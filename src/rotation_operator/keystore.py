@@ -211,6 +211,7 @@ class KeyStore:
                                        "FROM {keys}").format(keys=self.keys)).fetchone()
             total, active = row if row else (0, 0)
             if total == 0:
+                self.check_legacy_kek(conn, kek)
                 self.insert_key(conn, kek, version=1, actor=actor, policy_version=policy_version)
                 return True
             if active == 0:
@@ -218,6 +219,39 @@ class KeyStore:
                     f"keys table {self.cfg.qualified_keys} has {total} keys but none is active; "
                     "it was edited by hand: restore it from backup")
             return False
+
+    def has_keys(self, conn: Conn) -> bool:
+        """Whether the keys table exists and holds at least one key (read-only)."""
+        row = conn.execute(
+            "SELECT to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s) "
+            "ELSE quote_ident(%s) || '.' || quote_ident(%s) END) IS NOT NULL",
+            (self.cfg.schema, self.cfg.keys_table, self.cfg.schema, self.cfg.keys_table)
+        ).fetchone()
+        if not row or not row[0]:
+            return False
+        found = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(self.keys)
+                             ).fetchone()
+        return bool(found and found[0])
+
+    def check_legacy_kek(self, conn: Conn, kek: bytes, sample: int = 3) -> None:
+        """Before key v1 binds the keys table to ``kek``, prove ``kek`` is the one the
+        legacy rows were encrypted with (a few rows per target): fail closed otherwise.
+
+        Without this, a wrong KEK on a database of only legacy rows would mint v1 under the
+        wrong key, and the right KEK would be refused from then on.
+        """
+        for target in self.cfg.targets:
+            q = sql.SQL("SELECT {id}, {val} FROM {t} WHERE {kid} IS NULL LIMIT %s").format(
+                id=sql.Identifier(target.id_column), val=sql.Identifier(target.value_column),
+                kid=sql.Identifier(target.key_id_column), t=ident(target.schema, target.table))
+            for row_id, value in conn.execute(q, (sample,)).fetchall():
+                try:
+                    crypto.decrypt(kek, bytes(value))
+                except InvalidToken:
+                    raise KekMismatchError(
+                        f"the KEK (fingerprint {crypto.kek_fingerprint(kek)}) does not decrypt "
+                        f"legacy row {row_id!r} of table {target.name}; refusing to create "
+                        "DEK v1 under it") from None
 
     def load_ring(self, conn: Conn, kek: bytes) -> KeyRing:
         """Unwrap every stored DEK; fail closed with :class:`KekMismatchError`.

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 
 from rotation_operator import crypto, inspection
-from rotation_operator.config import RotationOptions
+from rotation_operator.config import RotationOptions, StoreConfig, Target
+from rotation_operator.engine import Engine
 from rotation_operator.errors import (
     DatabaseUnavailable,
     KekMismatchError,
@@ -20,11 +21,15 @@ from rotation_operator.errors import (
 from rotation_operator.library import Encryptor
 from tests.db.apptable import (
     App,
+    assert_rotated,
     audit_events,
+    create_table,
     decrypt_all,
     dump,
+    fill,
     keys,
     make_app,
+    new_kek,
     read_rows,
     run_cli,
 )
@@ -353,3 +358,24 @@ def test_superseded_version_can_be_requested_again(dsn: str) -> None:
     assert app.engine().rotate(6, ATOMIC).performed
     assert not app.engine().rotate(6, ONLINE).performed
     app.assert_rotated()
+
+
+def test_wrong_kek_on_a_fresh_database_of_legacy_rows_creates_nothing(dsn: str) -> None:
+    """No key exists yet, only pre-envelope rows: a KEK that opens none of them must not
+    become the KEK of key v1 (the right one would be refused forever after)."""
+    target = Target("secrets")
+    create_table(dsn, target)
+    kek = new_kek()
+    expected = fill(dsn, target, kek, 50)  # all legacy
+    before = dump(dsn)
+    cfg = StoreConfig([target])
+    wrong = crypto.new_key()
+    for call in (lambda e: e.initialise(policy_version=1), lambda e: e.rotate(2, ONLINE),
+                 lambda e: e.rotate(2, ATOMIC)):
+        with pytest.raises(KekMismatchError, match="legacy row") as info:
+            call(Engine(dsn, cfg, wrong, actor="test"))
+        assert "secrets" in str(info.value)
+    assert dump(dsn) == before  # not even the key tables were created
+    # The right KEK still works, and every legacy row reads back.
+    Engine(dsn, cfg, kek, actor="test").rotate(2, ONLINE)
+    assert_rotated(dsn, cfg, kek, {target: expected})

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
 
 from rotation_operator.errors import (
+    AccessDenied,
     ConfigError,
     DatabaseUnavailable,
     KekMismatchError,
@@ -109,7 +110,7 @@ def test_failure_during_a_rotation_marks_it_failed(rec: Recorder) -> None:
 def test_a_failing_status_write_does_not_hide_the_error(monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
     def denied(*_: Any) -> None:
-        raise kube.AccessDenied("may not patch")
+        raise AccessDenied("may not patch")
     monkeypatch.setattr(kube, "patch_status", denied)
     r = Recorder()
     with pytest.raises(kopf.TemporaryError, match="SecretMissing"), \
@@ -145,7 +146,7 @@ def test_scanning_is_off_for_exact_namespaces(monkeypatch: pytest.MonkeyPatch,
     """Watching named namespaces must not need cluster-wide list/watch on namespaces."""
     monkeypatch.setattr(settings, "current", settings.OperatorSettings(namespaces=namespaces))
     s = kopf.OperatorSettings()
-    handlers.configure(settings=s)
+    cast(Any, handlers.configure)(settings=s)
     assert s.scanning.disabled is disabled
 
 
