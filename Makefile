@@ -33,7 +33,7 @@ test:
 	TESTENV_BIN="$$bin_dir" $(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 lint:
-	$(BIN)ruff check src tests hack
+	$(BIN)ruff check src tests hack bench
 	$(BIN)mypy
 	$(BIN)lint-imports
 	$(BIN)hadolint Dockerfile

@@ -120,11 +120,11 @@ def ceiling(dsn: str) -> float:
     """rows/s of decrypt+encrypt in one process over the table's current values."""
     with psycopg.connect(dsn) as c:
         ring = KeyStore(CFG).load_ring(c, KEK)
-        rows = [(bytes(v), k) for v, k in
-                c.cursor(binary=True).execute("SELECT value, key_id FROM secrets")]
+        rows = c.cursor(binary=True).execute("SELECT value, key_id FROM secrets").fetchall()
+        values, key_ids = [bytes(r[0]) for r in rows], [r[1] for r in rows]
     t = time.perf_counter()
     for i in range(0, len(rows), 5000):
-        ring.rotate_many(rows[i:i + 5000])
+        ring.rotate_many(values[i:i + 5000], key_ids[i:i + 5000])
     return len(rows) / (time.perf_counter() - t)
 
 
@@ -179,7 +179,8 @@ def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
         k("wait", "--for=condition=Established", "--timeout=60s",
           "crd/encryptionpolicies.rotation-operator.io")
         k("create", "namespace", "bench")
-        k("-n", "bench", "create", "secret", "generic", "app-kek", f"--from-literal=kek={KEK.hex()}")
+        k("-n", "bench", "create", "secret", "generic", "app-kek",
+          f"--from-literal=kek={KEK.hex()}")
         k("-n", "bench", "create", "secret", "generic", "app-db", f"--from-literal=dsn={pg_dsn}")
         op_env = {**os.environ, "KUBECONFIG": str(cp.operator_kubeconfig)}
         op = subprocess.Popen([str(ROOT / ".venv" / "bin" / "rotation-operator"), "run",
@@ -224,7 +225,8 @@ def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
                     conds = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
                     c = conds.get("Rotating")
                     if rot is None and c and c["status"] == "True" and \
-                            c.get("observedGeneration") == gen and obj["spec"]["version"] == version:
+                            c.get("observedGeneration") == gen and \
+                            obj["spec"]["version"] == version:
                         rot = ts - t0
                     c = conds.get("Ready")
                     if ready is None and c and c["status"] == "True" and \
@@ -248,7 +250,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_rotate":
         _rotate_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return 0
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, action="append",
                    help="row counts (repeatable; default 100000 and 1000000; add 10000000)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 512], help="plaintext bytes")
@@ -355,9 +358,9 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"app library warm: encrypt {res['app_encrypt_ops_per_s']['median']:,.0f} ops/s, "
           f"decrypt {res['app_decrypt_ops_per_s']['median']:,.0f} ops/s")
     if "patch_to_rotating_s" in res:
-        print(f"operator: kubectl patch -> Rotating=True {res['patch_to_rotating_s']['median']:.2f}s"
-              f", -> Ready=True+observedVersion {res['patch_to_ready_s']['median']:.2f}s "
-              "(median)")
+        print("operator: kubectl patch -> Rotating=True "
+              f"{res['patch_to_rotating_s']['median']:.2f}s, -> Ready=True+observedVersion "
+              f"{res['patch_to_ready_s']['median']:.2f}s (median)")
     summary = {
         "online_1m_64b_rows_per_s": online,
         "online_1m_64b_seconds": big["Online"]["seconds"]["median"],

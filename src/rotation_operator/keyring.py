@@ -91,29 +91,38 @@ class KeyRing:
         plaintext = crypto.decrypt(self.aead(key_id), value)
         return crypto.encrypt(self._aeads[self.active_version], plaintext)
 
-    def rotate_many(self, rows: Sequence[tuple[bytes, int | None]]) -> list[bytes]:
-        """:meth:`rotate` for a batch: the hot loop of a rotation, kept lean.
+    def rotate_many(self, values: Sequence[bytes], key_ids: Sequence[int | None]
+                    ) -> list[bytes]:
+        """:meth:`rotate` for a batch (``values[i]`` under ``key_ids[i]``): the hot loop
+        of a rotation, kept lean.
 
         Nonces come from one ``os.urandom`` call per batch (the same CSPRNG, fewer
         syscalls).  Raises :class:`BadRow` with the index of the first row that does not
         decrypt; nothing is returned for a batch with a bad row.
         """
-        header, n_header = crypto.HEADER, len(crypto.HEADER)
-        start, overhead = n_header + crypto.NONCE_SIZE, crypto.OVERHEAD
-        active = self._aeads[self.active_version].encrypt
-        aeads = self._aeads
-        nonces = os.urandom(crypto.NONCE_SIZE * len(rows))
-        out = []
-        for i, (value, key_id) in enumerate(rows):
-            aead = aeads.get(key_id)
-            if aead is None or len(value) < overhead or value[:n_header] != header:
-                raise BadRow(i)
-            try:
-                plaintext = aead.decrypt(value[n_header:start], value[start:], header)
-            except InvalidTag:
-                raise BadRow(i) from None
-            nonce = nonces[i * crypto.NONCE_SIZE:(i + 1) * crypto.NONCE_SIZE]
-            out.append(header + nonce + active(nonce, plaintext, header))
+        header, start, overhead = crypto.HEADER, len(crypto.HEADER) + crypto.NONCE_SIZE, \
+            crypto.OVERHEAD
+        encrypt, aeads = self._active.encrypt, self._aeads
+        nonces = os.urandom(crypto.NONCE_SIZE * len(values))
+        out: list[bytes] = []
+        append = out.append
+        last: object = self  # never a key id
+        decrypt = None
+        try:
+            for value, key_id in zip(values, key_ids, strict=True):
+                if key_id != last:
+                    aead = aeads.get(key_id)
+                    if aead is None:
+                        raise BadRow(len(out))
+                    decrypt, last = aead.decrypt, key_id
+                if len(value) < overhead or not value.startswith(header):
+                    raise BadRow(len(out))
+                plaintext = decrypt(value[len(header):start], value[start:], header)  # type: ignore[misc]
+                at = len(out) * crypto.NONCE_SIZE
+                nonce = nonces[at:at + crypto.NONCE_SIZE]
+                append(header + nonce + encrypt(nonce, plaintext, header))
+        except InvalidTag:
+            raise BadRow(len(out)) from None
         return out
 
     def can_decrypt(self, value: bytes, key_id: int | None) -> bool:

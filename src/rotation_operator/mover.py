@@ -33,14 +33,16 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.adapt import Dumper, Loader
+from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from . import errors, faults
@@ -55,35 +57,58 @@ BATCH_RETRIES = 5
 BatchFn = Callable[[int, int], None]
 
 
-class Tid(bytes):
-    """A row's ctid in PostgreSQL's 6-byte binary form, passed back untouched.
+class BinaryArray(bytes):
+    """A one-dimensional PostgreSQL array already in binary wire format.
 
-    Fetching and sending ctids (and values) in binary avoids text escaping on both sides,
-    which otherwise costs more than the encryption itself.
+    psycopg's generic list dumper works element by element in Python and cost more than
+    the encryption itself; these payloads are built with a few ``join`` calls.
     """
 
     __slots__ = ()
+    oid = 0
 
 
-class _TidLoader(Loader):
+class TidArray(BinaryArray):
+    __slots__ = ()
+    oid = 1010  # tid[]
+
+
+class XidArray(BinaryArray):
+    __slots__ = ()
+    oid = 1011  # xid[]
+
+
+class ByteaArray(BinaryArray):
+    __slots__ = ()
+    oid = 1001  # bytea[]
+
+
+_ELEMENT_OID = {TidArray: 27, XidArray: 28, ByteaArray: 17}
+
+
+def build_array(kind: type[BinaryArray], items: list[bytes], width: int = 0) -> BinaryArray:
+    """``items`` as a binary array of ``kind``; ``width``: every item has this length."""
+    head = struct.pack(">iiiii", 1, 0, _ELEMENT_OID[kind], len(items), 1)
+    if width:
+        prefix = struct.pack(">i", width)
+        return kind(head + prefix + prefix.join(items))
+    lengths = [len(item).to_bytes(4, "big") for item in items]
+    return kind(head + b"".join(chain.from_iterable(zip(lengths, items, strict=True))))
+
+
+class _ArrayDumper(Dumper):
     format = Format.BINARY
-
-    def load(self, data: Any) -> Tid:
-        return Tid(data)
-
-
-class _TidDumper(Dumper):
-    format = Format.BINARY
-    oid = 27  # tid
 
     def dump(self, obj: Any) -> bytes:
         return bytes(obj)
 
 
-def register_tid(conn: Conn) -> None:
-    """Teach one connection to load and dump ``tid`` in binary."""
-    conn.adapters.register_loader("tid", _TidLoader)
-    conn.adapters.register_dumper(Tid, _TidDumper)
+def register_types(conn: Conn) -> None:
+    """Teach one connection the binary array dumpers (ctids and xmins are fetched as
+    ``tidsend``/``xidsend`` bytea, PostgreSQL's own binary form)."""
+    for kind in (TidArray, XidArray, ByteaArray):
+        dumper = type(f"_{kind.__name__}Dumper", (_ArrayDumper,), {"oid": kind.oid})
+        conn.adapters.register_dumper(kind, dumper)
 
 
 class BatchMover:
@@ -97,13 +122,20 @@ class BatchMover:
                  "val": sql.Identifier(target.value_column),
                  "kid": sql.Identifier(target.key_id_column)}
         self.select = sql.SQL(
-            "SELECT ctid, {id}, {kid}, {val}, xmin::text::bigint FROM {t} "
+            "SELECT tidsend(ctid), {kid}, {val}, xidsend(xmin) FROM {t} "
             "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid "
             "AND ({kid} IS NULL OR {kid} <> %(active)s)").format(**names)
+        self.row_id = sql.SQL("SELECT {id} FROM {t} WHERE ctid = %(c)s::tid").format(**names)
         self.update = sql.SQL(
             "UPDATE {t} AS r SET {val} = u.v, {kid} = %(active)s "
-            "FROM unnest(%(c)b::tid[], %(v)b::bytea[], %(x)b::bigint[]) AS u(c, v, x) "
-            "WHERE r.ctid = u.c AND r.xmin::text::bigint = u.x").format(**names)
+            "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
+            "WHERE r.ctid = u.c AND r.xmin = u.x").format(**names)
+
+    def _row_id(self, cur: psycopg.Cursor[Any], ctid: bytes) -> object:
+        """The id of the row at a raw ctid (only to name a bad row in the error)."""
+        block, offset = struct.unpack(">IH", ctid)
+        row = cur.execute(self.row_id, {"c": f"({block},{offset})"}).fetchone()
+        return row[0] if row else f"ctid ({block},{offset})"
 
     def run(self, conn: Conn, lo: int, hi: int) -> tuple[int, int]:
         """Move the rows in blocks [lo, hi); returns (moved, legacy moved).
@@ -111,23 +143,26 @@ class BatchMover:
         Raises :class:`RowDecryptError` before writing anything if one row is bad.
         """
         active = self.ring.active_version
-        if not getattr(conn, "_ro_tid", False):
-            register_tid(conn)
-            conn._ro_tid = True  # type: ignore[attr-defined]
+        if not getattr(conn, "_ro_types", False):
+            register_types(conn)
+            conn._ro_types = True  # type: ignore[attr-defined]
         with conn.cursor(binary=True) as cur:
             rows = cur.execute(self.select, {"lo": f"({lo},0)", "hi": f"({hi},0)",
                                              "active": active}).fetchall()
             if not rows:
                 return 0, 0
+            ctids, key_ids, olds, xmins = zip(*rows, strict=True)
             try:
-                values = self.ring.rotate_many([(r[3], r[2]) for r in rows])
+                values = self.ring.rotate_many(olds, key_ids)
             except BadRow as bad:
-                row = rows[bad.index]
-                raise RowDecryptError(self.target.name, row[1], row[2]) from None
-            ctids = [r[0] for r in rows]
-            legacy = sum(1 for r in rows if r[2] is None)
-            cur.execute(self.update, {"active": active, "c": ctids, "v": values,
-                                      "x": [r[4] for r in rows]})
+                raise RowDecryptError(self.target.name, self._row_id(cur, ctids[bad.index]),
+                                      key_ids[bad.index]) from None
+            legacy = key_ids.count(None)
+            cur.execute(self.update, {
+                "active": active,
+                "c": build_array(TidArray, list(ctids), 6),
+                "v": build_array(ByteaArray, values),
+                "x": build_array(XidArray, list(xmins), 4)})
             moved = cur.rowcount
         # Rows changed concurrently were skipped; the legacy tally is exact when none was.
         return moved, legacy if moved == len(rows) else min(legacy, moved)
@@ -164,17 +199,6 @@ class Plan:
         for start in range(lo, end, self.step):
             yield start, min(start + self.step, end)
 
-    def split(self, parts: int) -> list[tuple[int, int]]:
-        """Contiguous, step-aligned block ranges, one per worker."""
-        batches = max(1, -(-self.blocks // self.step))
-        per = -(-batches // parts)
-        out = []
-        for i in range(parts):
-            lo, hi = i * per * self.step, min((i + 1) * per * self.step, self.blocks)
-            if lo < hi:
-                out.append((lo, hi))
-        return out
-
 
 def plan(conn: Conn, target: Target, batch_size: int) -> Plan:
     """Heap size in blocks and blocks per batch for about ``batch_size`` rows."""
@@ -196,20 +220,27 @@ def plan(conn: Conn, target: Target, batch_size: int) -> Plan:
 # -- parallel workers --------------------------------------------------------------------
 def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: Plan,
                  workers: int, requested: int, on_batch: BatchFn) -> None:
-    """Move one target's rows with ``workers`` processes over disjoint block ranges.
+    """Move one target's rows with ``workers`` processes sharing one queue of block ranges.
 
-    Processes, not threads: decrypt/encrypt and result parsing hold the GIL, and each
-    worker's own connection keeps a second PostgreSQL backend busy.  Workers are started
-    with ``spawn`` (safe from a threaded operator) and exit if this process dies, so no
-    orphan keeps writing after a crash.  The first error stops all of them; every batch is
-    its own transaction, so stopping loses nothing but the batch in flight.
+    A shared queue, not a fixed split: live rows are rarely spread evenly over the heap
+    (after an UPDATE and VACUUM they sit in one half), so each worker takes the next range
+    when it is free.  Processes, not threads: decrypt/encrypt and result parsing hold the
+    GIL, and each worker's own connection keeps a second PostgreSQL backend busy.  Workers
+    are started with ``spawn`` (safe from a threaded operator) and exit if this process
+    dies, so no orphan keeps writing after a crash.  The first error stops all of them;
+    every batch is its own transaction, so stopping loses nothing but the batch in flight.
     """
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
+    tasks: Any = ctx.Queue()
+    for block_range in pl.ranges():
+        tasks.put(block_range)
+    for _ in range(workers):
+        tasks.put(None)
     procs = [ctx.Process(target=_worker, daemon=True, name=f"rotation-worker-{i}",
-                         args=(dsn, cfg, target_index, kek, lo, hi, pl.step, requested,
-                               os.getpid(), results))
-             for i, (lo, hi) in enumerate(pl.split(workers))]
+                         args=(dsn, cfg, target_index, kek, tasks, requested, os.getpid(),
+                               results))
+             for i in range(workers)]
     for p in procs:
         p.start()
     running = len(procs)
@@ -237,15 +268,16 @@ def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: 
         for p in procs:
             p.join(5)
         results.close()
+        tasks.close()
 
 
-def _worker(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, lo: int, hi: int,
-            step: int, requested: int, parent: int, results: Any) -> None:
+def _worker(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, tasks: Any,
+            requested: int, parent: int, results: Any) -> None:
     try:
         store = KeyStore(cfg)
         with db_errors(), connect(dsn, application_name="rotation-operator-worker") as conn:
             mover = BatchMover(cfg.targets[target_index], store.load_ring(conn, kek))
-            for a, b in Plan(hi, step).ranges(lo, hi):
+            for a, b in iter(tasks.get, None):
                 if os.getppid() != parent:
                     return  # the rotator died: stop, its lock is gone
                 moved, legacy = move_batch(conn, store, mover, a, b, requested)

@@ -28,11 +28,12 @@ def _between_select_and_update(monkeypatch: pytest.MonkeyPatch,
     calls: list[int] = []
     original = KeyRing.rotate_many
 
-    def rotate_many(self: KeyRing, rows: Sequence[tuple[bytes, int | None]]) -> list[bytes]:
+    def rotate_many(self: KeyRing, values: Sequence[bytes],
+                    key_ids: Sequence[int | None]) -> list[bytes]:
         if not calls:
             step()
-        calls.append(len(rows))
-        return original(self, rows)
+        calls.append(len(values))
+        return original(self, values, key_ids)
 
     monkeypatch.setattr(KeyRing, "rotate_many", rotate_many)
     return calls
