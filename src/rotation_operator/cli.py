@@ -210,16 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def snapshot_dict(snap: Any) -> dict[str, Any]:
     return {
-        "activeKeyVersion": snap.active_version,
-        "servedVersion": snap.served_version,
-        "secretCount": snap.secret_count,
-        "legacyCount": snap.legacy_count,
-        "staleCount": snap.stale_count,
-        "auditEvents": snap.audit_events,
-        "keys": [{"version": k.version, "state": k.state, "rows": k.rows,
-                  "createdAt": k.created_at.isoformat(),
-                  "retiredAt": k.retired_at.isoformat() if k.retired_at else None,
-                  "rotatedBy": k.rotated_by} for k in snap.keys],
+        **snap.summary(),
         "targets": [vars(t) for t in snap.targets],
         "running": _record(snap.running),
         "lastRotation": _record(snap.last_rotation),
@@ -227,13 +218,14 @@ def snapshot_dict(snap: Any) -> dict[str, Any]:
 
 
 def _record(r: Any) -> dict[str, Any] | None:
+    from .inspection import rfc3339
+
     if r is None:
         return None
     return {"policyVersion": r.requested_version, "phase": r.phase, "mode": r.mode,
             "fromVersion": r.from_version, "toVersion": r.to_version,
             "reEncrypted": r.re_encrypted, "total": r.total,
-            "startedAt": r.started_at.isoformat(),
-            "finishedAt": r.finished_at.isoformat() if r.finished_at else None}
+            "startedAt": rfc3339(r.started_at), "finishedAt": rfc3339(r.finished_at)}
 
 
 class _ProgressBar:

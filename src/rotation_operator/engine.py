@@ -174,17 +174,16 @@ class Engine:
             from_version = next(r.from_version for r in self.store.rotation_records(conn)
                                 if r.requested_version == requested)
             counter.done = 0
+            counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
+                                for t in self.cfg.targets)
             log.info("resuming rotation to policy version %s (DEK v%s)", requested,
                      ring.active_version)
         else:
             from_version = ring.active_version
             with conn.transaction():
-                ring = self._mint(conn, requested, ring, "Online")
+                ring = self._mint(conn, requested, ring, "Online", counter)
             faults.point("after-start")
         to_version = ring.active_version
-        counter.total = sum(self.store.count_not_under(conn, t, to_version)
-                            for t in self.cfg.targets)
-        conn.commit()
         if progress:
             progress(0, counter.total)
         settled = False
@@ -253,10 +252,10 @@ class Engine:
                                     if r.requested_version == requested)
                 log.info("finishing the interrupted rotation to policy version %s (DEK v%s) "
                          "atomically", requested, ring.active_version)
+                counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
+                                    for t in self.cfg.targets)
             else:
-                ring = self._mint(conn, requested, ring, "Atomic")
-            counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
-                                for t in self.cfg.targets)
+                ring = self._mint(conn, requested, ring, "Atomic", counter)
             if progress:
                 progress(0, counter.total)
             for target in self.cfg.targets:
@@ -268,14 +267,17 @@ class Engine:
             retired = self._finish(conn, requested, ring.active_version, counter)
         return from_version, ring.active_version, retired
 
-    def _mint(self, conn: Conn, requested: int, ring: KeyRing, mode: str) -> KeyRing:
-        """New DEK active, old ones retiring, rotation recorded: one transaction."""
+    def _mint(self, conn: Conn, requested: int, ring: KeyRing, mode: str,
+              counter: _Counter) -> KeyRing:
+        """New DEK active, old ones retiring, rotation recorded: one transaction.
+        Counts the rows to move into ``counter.total``."""
         versions = [k.version for k in self.store.list_keys(conn)]
         new_version = max(versions) + 1
         self.store.mark_active_retiring(conn)
         self.store.insert_key(conn, self._kek, version=new_version, actor=self.actor,
                               policy_version=requested)
-        total = sum(self.store.count_not_under(conn, t, new_version) for t in self.cfg.targets)
+        total = counter.total = sum(self.store.count_not_under(conn, t, new_version)
+                                    for t in self.cfg.targets)
         self.store.start_rotation(conn, requested, mode, ring.active_version, new_version,
                                   self.actor, total)
         audit.append(conn, self.cfg, "rotation_started", key_version=new_version,

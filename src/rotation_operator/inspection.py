@@ -7,7 +7,7 @@ operator refreshes the snapshot on a timer while applications write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
@@ -57,6 +57,25 @@ class Snapshot:
     @property
     def stale_count(self) -> int:
         return sum(t.stale for t in self.targets)
+
+    def summary(self) -> dict[str, Any]:
+        """The camelCase fields shared by the CR's status and ``status -o json``."""
+        return {
+            "observedVersion": self.served_version,
+            "activeKeyVersion": self.active_version,
+            "secretCount": self.secret_count,
+            "legacyCount": self.legacy_count,
+            "staleCount": self.stale_count,
+            "auditEvents": self.audit_events,
+            "keys": [{"version": k.version, "state": k.state, "createdAt": rfc3339(k.created_at),
+                      "retiredAt": rfc3339(k.retired_at), "rotatedBy": k.rotated_by,
+                      "rows": k.rows} for k in self.keys],
+        }
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """UTC, second precision, ``Z``: the form Kubernetes uses for timestamps."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
 def snapshot(dsn: str, cfg: StoreConfig) -> Snapshot:

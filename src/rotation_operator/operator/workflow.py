@@ -298,22 +298,7 @@ def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
 
 
 def snapshot_fields(snap: Snapshot) -> dict[str, Any]:
-    return {
-        "observedVersion": snap.served_version,
-        "activeKeyVersion": snap.active_version,
-        "secretCount": snap.secret_count,
-        "legacyCount": snap.legacy_count,
-        "staleCount": snap.stale_count,
-        "auditEvents": snap.audit_events,
-        "lastRefreshed": conditions.now(),
-        "keys": [{"version": k.version, "state": k.state,
-                  "createdAt": _ts(k.created_at), "retiredAt": _ts(k.retired_at),
-                  "rotatedBy": k.rotated_by, "rows": k.rows} for k in snap.keys],
-    }
-
-
-def _ts(value: Any) -> str | None:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+    return {**snap.summary(), "lastRefreshed": conditions.now()}
 
 
 def _progress(done: int, total: int) -> str:
