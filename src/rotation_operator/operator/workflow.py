@@ -223,9 +223,10 @@ def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
     writer.condition(READY, True, reason, text)
     writer.condition(ROTATING, False, "Idle", "no rotation running")
     writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
-    writer.patch(snapshot_fields(snap))
+    # Metrics first: whoever sees the status (kubectl wait) may scrape right after.
     metrics.observe_counts(policy.namespace, policy.name, snap.active_version,
                            snap.secret_count, snap.legacy_count, snap.stale_count)
+    writer.patch(snapshot_fields(snap))
 
 
 def refresh(policy: Policy) -> bool:
@@ -271,9 +272,9 @@ def refresh(policy: Policy) -> bool:
         writer.condition(READY, True, "KeysReady", f"active key v{snap.active_version}; "
                                                    "database and Secrets reachable again")
         writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
-    writer.patch(snapshot_fields(snap), with_conditions=healed)
     metrics.observe_counts(policy.namespace, policy.name, snap.active_version,
                            snap.secret_count, snap.legacy_count, snap.stale_count)
+    writer.patch(snapshot_fields(snap), with_conditions=healed)
     return True
 
 
