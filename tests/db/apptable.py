@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from rotation_operator import audit, crypto
-from rotation_operator.config import StoreConfig, Target
+from rotation_operator.config import RotationOptions, StoreConfig, Target
 from rotation_operator.engine import Engine
 from rotation_operator.keyring import KeyRing
 from rotation_operator.keystore import KeyStore
@@ -50,6 +50,9 @@ def tname(target: Target) -> sql.Composable:
 
 
 DEFAULT_TARGET = Target("secrets")
+#: Small batches so a few hundred rows make several; no grace wait unless a test needs it.
+ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
+ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 
 def create_table(dsn: str, target: Target = DEFAULT_TARGET, *,

@@ -18,6 +18,8 @@ from rotation_operator.engine import Engine, RotationResult
 from rotation_operator.errors import LockHeld
 from rotation_operator.library import Encryptor
 from tests.db.apptable import (
+    ATOMIC,
+    ONLINE,
     active_version,
     audit_events,
     keys,
@@ -27,9 +29,6 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
-
-ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
-ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 
 class Gate:

@@ -20,6 +20,8 @@ from rotation_operator.errors import (
 )
 from rotation_operator.library import Encryptor
 from tests.db.apptable import (
+    ATOMIC,
+    ONLINE,
     App,
     assert_rotated,
     audit_events,
@@ -34,9 +36,6 @@ from tests.db.apptable import (
     run_cli,
 )
 from tests.fixtures._env import testenv
-
-ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
-ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 
 # -- wrong KEK -----------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from rotation_operator.config import RotationOptions, StoreConfig, Target
 from rotation_operator.engine import Engine
 from rotation_operator.library import Encryptor
 from tests.db.apptable import (
+    ATOMIC,
+    ONLINE,
     active_version,
     audit_events,
     create_table,
@@ -23,9 +25,6 @@ from tests.db.apptable import (
     read_rows,
     verify_audit,
 )
-
-ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
-ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 
 @pytest.mark.parametrize("options", [ONLINE, ATOMIC], ids=["online", "atomic"])

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from rotation_operator import audit, crypto, inspection
-from rotation_operator.config import RotationOptions, StoreConfig, Target
+from rotation_operator.config import StoreConfig, Target
 from rotation_operator.engine import Engine
 from rotation_operator.errors import (
     AuditChainError,
@@ -25,6 +25,8 @@ from rotation_operator.errors import (
 from rotation_operator.keystore import KeyStore
 from rotation_operator.library import Encryptor
 from tests.db.apptable import (
+    ATOMIC,
+    ONLINE,
     PLAINTEXT_PREFIX,
     App,
     audit_events,
@@ -34,10 +36,6 @@ from tests.db.apptable import (
     run_cli,
     verify_audit,
 )
-
-ONLINE = RotationOptions(mode="Online", batch_size=100, vacuum=False, grace=0.0)
-ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
-
 
 # -- hostile identifiers -------------------------------------------------------------------
 HOSTILE_SPECS: list[dict[str, Any]] = [
