@@ -72,7 +72,6 @@ class _Counter:
     done: int = 0
     total: int = 0
     legacy: int = 0
-    batches: int = 0
 
 
 class Engine:
@@ -307,7 +306,6 @@ class Engine:
         def on_batch(moved: int, legacy: int) -> None:
             counter.done += moved
             counter.legacy += legacy
-            counter.batches += 1
             if progress and moved:
                 progress(counter.done, max(counter.total, counter.done))
 

@@ -6,7 +6,7 @@ type, and lets disjoint ranges go to separate worker processes with no coordinat
 
 One batch, inside one transaction::
 
-    SELECT ctid, id, key_id, value, xmin FROM t
+    SELECT tidsend(ctid), key_id, value, xidsend(xmin) FROM t
      WHERE ctid >= '(lo,0)' AND ctid < '(hi,0)' AND key_id IS DISTINCT FROM <active>
     -- decrypt (GCM authenticates every row) and re-encrypt under the active DEK in Python
     UPDATE t SET value = u.v, key_id = <active>
@@ -143,9 +143,7 @@ class BatchMover:
         Raises :class:`RowDecryptError` before writing anything if one row is bad.
         """
         active = self.ring.active_version
-        if not getattr(conn, "_ro_types", False):
-            register_types(conn)
-            conn._ro_types = True  # type: ignore[attr-defined]
+        register_types(conn)  # three dict entries: cheaper than remembering it was done
         with conn.cursor(binary=True) as cur:
             rows = cur.execute(self.select, {"lo": f"({lo},0)", "hi": f"({hi},0)",
                                              "active": active}).fetchall()
@@ -194,10 +192,10 @@ class Plan:
     blocks: int
     step: int  # blocks per batch
 
-    def ranges(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int]]:
-        end = self.blocks if hi is None else hi
-        for start in range(lo, end, self.step):
-            yield start, min(start + self.step, end)
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        """[lo, hi) block ranges covering the heap, ``step`` blocks each."""
+        for start in range(0, self.blocks, self.step):
+            yield start, min(start + self.step, self.blocks)
 
 
 def plan(conn: Conn, target: Target, batch_size: int) -> Plan:

@@ -39,13 +39,13 @@ def _policy(body: kopf.Body) -> workflow.Policy:
 
 
 @contextmanager
-def boundary(policy: workflow.Policy, events: _Events) -> Iterator[None]:
+def boundary(policy: workflow.Policy, events: _Events) -> Iterator[workflow.StatusWriter]:
     """Map the package's errors to status + Event + Kopf's retry semantics."""
+    writer = workflow.StatusWriter(policy)  # the run writes through it, and so does a failure
     try:
-        yield
+        yield writer
     except RotationOperatorError as exc:
-        if not getattr(exc, "status_written", False):  # reconcile reports its own
-            workflow.fail(policy, exc, events)
+        workflow.fail(policy, exc, events, writer)
         if exc.retryable:
             cap = operator_settings.current.max_retry_delay
             delay = exc.retry_delay if cap is None else min(exc.retry_delay, cap)
@@ -91,8 +91,8 @@ def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[An
               **_: Any) -> None:
     """Create, operator restart, spec change: initialise, rotate if asked, report."""
     policy, events = _policy(body), _Events(body)
-    with boundary(policy, events):
-        summary = workflow.reconcile(policy, operator_settings.current, events)
+    with boundary(policy, events) as writer:
+        summary = workflow.reconcile(policy, operator_settings.current, events, writer)
     logger.info("reconciled: %s", summary)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -33,7 +33,6 @@ class OperatorSettings:
     max_retry_delay: float | None = None
     #: Run without Kopf peering (one replica; the Deployment uses ``Recreate``).
     standalone: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _seconds(minimum: float, inclusive: bool) -> Any:

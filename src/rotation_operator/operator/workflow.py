@@ -120,24 +120,15 @@ def read_secrets(policy: Policy) -> tuple[str, bytes]:
                           "UTF-8 text") from None
 
 
-def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter) -> str:
+def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
+              writer: StatusWriter | None = None) -> str:
     """Initialise, rotate if spec.version asks for it, and write the full status.
 
-    Returns a short summary for the handler's log line.  On failure the status is
-    written here, continuing from this run's own writes (the handler's body predates
-    them), and the error is re-raised marked as reported for the handler boundary.
+    Returns a short summary for the handler's log line.  ``writer`` is the handler
+    boundary's: if this raises, the boundary reports the failure through the same writer,
+    continuing from this run's own writes (the handler's body predates them).
     """
-    writer = StatusWriter(policy)
-    try:
-        return _reconcile(policy, settings, events, writer)
-    except RotationOperatorError as exc:
-        fail(policy, exc, events, writer)
-        exc.status_written = True  # type: ignore[attr-defined]
-        raise
-
-
-def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
-               writer: StatusWriter) -> str:
+    writer = writer or StatusWriter(policy)
     desired = policy.desired
     if wants_rotation(desired, policy.status.get("observedVersion")):
         # Flag it before any slow work: pipelines watch for Rotating within a second.
@@ -279,13 +270,12 @@ def refresh(policy: Policy) -> bool:
 
 
 def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
-         writer: StatusWriter | None = None) -> None:
+         writer: StatusWriter) -> None:
     """The status write for a failure: Ready=False with the error's reason.
 
     ``writer``: the failing run's own, so a rotation it flagged (Rotating=True, written
     after Kopf took the body) is reported as RotationFailed rather than Idle.
     """
-    writer = writer or StatusWriter(policy)
     was_rotating = (conditions.get(writer.conds, ROTATING) or {}).get("status") == "True"
     writer.condition(READY, False, exc.reason, str(exc))
     writer.condition(ROTATING, False, "RotationFailed" if was_rotating else "Idle",
