@@ -16,18 +16,16 @@ Used two ways:
       source .testenv/env
       python hack/testenv/testenv.py down [--dir DIR]
 
-Only the standard library and ``cryptography`` are used, so the CLI works from any venv
-that can import the project's dependencies.
+Beyond the standard library it uses ``cryptography``, ``psutil`` (process groups) and
+``trustme`` (test certificates), all in the project's dev dependencies (``make venv``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import fcntl
 import glob
-import ipaddress
 import json
 import os
 import pwd
@@ -48,10 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+import psutil
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -132,65 +130,47 @@ def build_binaries() -> Path:
     return Path(lines[-1])
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs; reaps it first if it is our own exited child (no zombies)."""
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie that is not our child still answers kill(0); treat it as dead.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+def _same_process(proc: psutil.Process, create_time: float | None, binary: str) -> bool:
+    """True if ``proc`` is the live process a pidfile recorded (guards against pid reuse).
 
-
-def _pid_runs(pid: int, binary: str) -> bool:
-    """True if ``pid`` is alive and is ``binary`` (guards pidfiles against pid reuse)."""
-    if not _pid_alive(pid):
-        return False
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
-    except OSError:
-        return False
-    return Path(argv0).name == binary
-
-
-def _terminate_group(pid: int, binary: str, timeout: float = 15.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL it if it lingers.
-
-    Servers are started as session leaders, so the group id equals their pid and the
-    whole tree goes down together.
+    The start time is fixed at fork and survives ``execve``, so it identifies the process
+    from its first instant; its name or ``cmdline`` do not (during ``execve`` there is a
+    window in which ``/proc/PID/cmdline`` reads empty, longer when the binary is not in
+    the page cache).  Pidfiles written before start times were recorded fall back to the
+    name, which is safe for a process that started long ago.
     """
-    if not _pid_runs(pid, binary):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            break
-        time.sleep(0.05)
-    # Whatever is left of the group (the leader or stray children) gets SIGKILL.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _pid_alive(pid):
-        raise TestEnvError(f"{binary} (pid {pid}) survived SIGKILL")
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if create_time is not None:
+            return abs(proc.create_time() - create_time) < 0.01
+        return bool(proc.name() == binary[:15])
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Every live process of process group ``pgid`` (a server and whatever it spawned)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
 
 
 @dataclass
 class _Server:
-    """One detached server process: its pidfile is the source of truth for ``down``."""
+    """One detached server process.
+
+    For a process this object started, its ``Popen`` is the truth about whether it lives.
+    The pidfile (pid and start time) serves ``down`` and attaching from another
+    invocation.
+    """
 
     name: str
     binary: str
@@ -215,135 +195,122 @@ class _Server:
                 start_new_session=True,
                 env=dict(env) if env is not None else None,
             )
-        self.pidfile.write_text(f"{self.proc.pid}\n")
-
-    def pid(self) -> int | None:
-        """The recorded pid, or None if there is no pidfile."""
         try:
-            return int(self.pidfile.read_text().strip())
+            create_time: float | None = psutil.Process(self.proc.pid).create_time()
+        except psutil.Error:  # exited at once: the pidfile still names it for `down`
+            create_time = None
+        self.pidfile.write_text(json.dumps({"pid": self.proc.pid, "create_time": create_time})
+                                + "\n")
+
+    def _recorded(self) -> tuple[int, float | None] | None:
+        """(pid, start time) from the pidfile; start time None for the old plain format."""
+        try:
+            data = json.loads(self.pidfile.read_text())
         except (OSError, ValueError):
             return None
+        if isinstance(data, int):
+            return data, None
+        if isinstance(data, dict) and isinstance(data.get("pid"), int):
+            ct = data.get("create_time")
+            return data["pid"], float(ct) if isinstance(ct, int | float) else None
+        return None
+
+    def pid(self) -> int | None:
+        """The server's pid (ours, or the one recorded), or None if there is none."""
+        if self.proc is not None:
+            return self.proc.pid
+        recorded = self._recorded()
+        return recorded[0] if recorded else None
+
+    def _process(self) -> psutil.Process | None:
+        """The live server process, or None if it is gone."""
+        if self.proc is not None:
+            if self.proc.poll() is not None:
+                return None
+            try:
+                return psutil.Process(self.proc.pid)
+            except psutil.NoSuchProcess:
+                return None
+        recorded = self._recorded()
+        if recorded is None:
+            return None
+        try:
+            proc = psutil.Process(recorded[0])
+        except psutil.NoSuchProcess:
+            return None
+        return proc if _same_process(proc, recorded[1], self.binary) else None
 
     def running(self) -> bool:
-        """True if the recorded process is alive and really is this server."""
-        pid = self.pid()
-        return pid is not None and _pid_runs(pid, self.binary)
+        """True if the server process is alive (and, from a pidfile, really is ours)."""
+        return self._process() is not None
 
     def check_alive(self) -> None:
-        """Raise with the log tail if the server died during startup."""
+        """Raise with the exit status and log tail if the server died during startup."""
         if not self.running():
+            code = self.proc.returncode if self.proc is not None else None
+            status = f" with exit code {code}" if code is not None else ""
             raise TestEnvError(
-                f"{self.name} exited during startup; log tail:\n{log_tail(self.log)}"
+                f"{self.name} exited during startup{status}; log tail:\n{log_tail(self.log)}"
             )
 
-    def stop(self) -> None:
-        """Terminate the server's process group and forget its pid."""
-        pid = self.pid()
-        if pid is not None:
-            _terminate_group(pid, self.binary)
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the server's process group, SIGKILL what lingers, and check that not
+        one member of the group is left; then forget its pid."""
+        proc = self._process()
+        if proc is not None:
+            pgid = proc.pid  # a session leader: its pid is the group id
+            _signal_group(pgid, signal.SIGTERM)
+            _, alive = psutil.wait_procs(_group_members(pgid), timeout=timeout)
+            if alive:
+                _signal_group(pgid, signal.SIGKILL)
+                _, alive = psutil.wait_procs(_group_members(pgid), timeout=5)
+            if alive:
+                raise TestEnvError(
+                    f"{self.name}: processes {[p.pid for p in alive]} survived SIGKILL")
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=5)  # reap it: no zombie left behind
             self.proc = None
         self.pidfile.unlink(missing_ok=True)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
 
 
 # --------------------------------------------------------------------------- certificates
 
 
-def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
 def generate_pki(cert_dir: Path) -> dict[str, Path]:
-    """Create a throwaway CA, the apiserver serving cert and the SA signing key pair.
+    """Create a throwaway CA (trustme), the apiserver serving cert and the SA key pair.
 
     The serving cert carries the SANs clients use on loopback (127.0.0.1, localhost) so
     kubectl and the Python client verify TLS for real instead of skipping verification.
+    The service-account signing pair is a plain RSA key, not a certificate.
     """
     cert_dir.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    validity = dt.timedelta(days=30)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rotation-operator-testenv-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + validity)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
-                    x509.DNSName("localhost"),
-                    x509.DNSName("kubernetes"),
-                    x509.DNSName("kubernetes.default.svc"),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
+    ca = trustme.CA(organization_name="rotation-operator testenv")
+    server = ca.issue_cert("127.0.0.1", "10.0.0.1", "localhost", "kubernetes",
+                           "kubernetes.default.svc", common_name="kube-apiserver")
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
     paths = {
         "ca": cert_dir / "ca.crt",
-        "ca_key": cert_dir / "ca.key",
         "serving_cert": cert_dir / "apiserver.crt",
         "serving_key": cert_dir / "apiserver.key",
         "sa_key": cert_dir / "sa.key",
         "sa_pub": cert_dir / "sa.pub",
     }
-    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private_key(paths["ca_key"], ca_key)
-    paths["serving_cert"].write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private_key(paths["serving_key"], srv_key)
-    _write_private_key(paths["sa_key"], sa_key)
-    paths["sa_pub"].write_bytes(
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["serving_cert"]))
+    server.private_key_pem.write_to_path(str(paths["serving_key"]))
+    paths["sa_key"].write_bytes(sa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    paths["sa_pub"].write_bytes(sa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    for key in ("serving_key", "sa_key"):
+        paths[key].chmod(0o600)
     return paths
 
 
