@@ -710,9 +710,9 @@ class Postgres:
         """Run SQL through psql as the superuser (stdlib only, no driver needed)."""
         return psql(self.dsn_for(dbname), sql, pg_bin=Path(self._tool("psql")).parent)
 
-    def create_database(self, name: str) -> str:
-        """Create database ``name`` and return its DSN."""
-        create_database(self.dsn, name, pg_bin=Path(self._tool("psql")).parent)
+    def create_database(self, name: str, owner: str | None = None) -> str:
+        """Create database ``name`` (owned by role ``owner``) and return its DSN."""
+        create_database(self.dsn, name, pg_bin=Path(self._tool("psql")).parent, owner=owner)
         return self.dsn_for(name)
 
     def drop_database(self, name: str) -> None:
@@ -744,9 +744,11 @@ def _check_db_name(name: str) -> str:
     return name
 
 
-def create_database(admin_dsn: str, name: str, pg_bin: Path | None = None) -> None:
+def create_database(admin_dsn: str, name: str, pg_bin: Path | None = None,
+                    owner: str | None = None) -> None:
     """CREATE DATABASE on the server of ``admin_dsn`` (a superuser DSN)."""
-    psql(admin_dsn, f'CREATE DATABASE "{_check_db_name(name)}";', pg_bin)
+    owned = f' OWNER "{_check_db_name(owner)}"' if owner else ""
+    psql(admin_dsn, f'CREATE DATABASE "{_check_db_name(name)}"{owned};', pg_bin)
 
 
 def drop_database(admin_dsn: str, name: str, pg_bin: Path | None = None) -> None:

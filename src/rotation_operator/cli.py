@@ -23,10 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, crypto
-from .config import DEFAULT_BATCH, MODES, RotationOptions, StoreConfig, Target
-from .errors import ConfigError, KekError, RotationOperatorError
+from .config import DEFAULT_BATCH, DEFAULT_BATCH_BYTES, MODES, RotationOptions, StoreConfig, Target
+from .errors import (
+    AuditChainError,
+    ConfigError,
+    DatabaseForbidden,
+    InternalError,
+    KekError,
+    RotationCancelled,
+    RotationOperatorError,
+    RotationPaused,
+    RotationStuck,
+    RowDecryptError,
+    TriggerInterference,
+    UnknownKeyError,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("rotation_operator.cli")
 
 
@@ -41,16 +54,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except (ConfigError, KekError) as exc:
-        print(f"error: {exc} [{exc.reason}]", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; an online rotation resumes where it stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        error = as_package_error(exc)
+        print(f"error: {error} [{error.reason}]", file=sys.stderr)
+        return exit_code(error)
+
+
+def as_package_error(exc: BaseException) -> RotationOperatorError:
+    """Any exception as the package's error, sanitized (psycopg's DETAIL never shows)."""
+    if isinstance(exc, RotationOperatorError):
+        return exc
+    import psycopg
+
+    from .database import translate
+    if isinstance(exc, psycopg.Error):
+        return translate(exc)
+    log.debug("unexpected error", exc_info=exc)
+    return InternalError(f"unexpected {type(exc).__name__} (a bug; rerun with -v for the "
+                         "traceback in the log)")
+
+
+#: Problems with the data itself: a human must look at rows.
+_DATA_ERRORS = (RowDecryptError, UnknownKeyError, AuditChainError, RotationStuck,
+                TriggerInterference)
+
+
+def exit_code(exc: RotationOperatorError) -> int:
+    """0 ok, 1 failed (data), 2 bad input or setup, 3 try again later."""
+    if isinstance(exc, _DATA_ERRORS):
+        return EXIT_FAILED
+    if isinstance(exc, ConfigError | KekError | DatabaseForbidden):
         return EXIT_USAGE
-    except RotationOperatorError as exc:
-        print(f"error: {exc} [{exc.reason}]", file=sys.stderr)
-        return EXIT_RETRY if exc.retryable and not _is_data_error(exc) else EXIT_FAILED
-
-
-def _is_data_error(exc: RotationOperatorError) -> bool:
-    return exc.reason in ("RowDecryptFailed", "UnknownKey", "AuditChainBroken")
+    if isinstance(exc, RotationPaused | RotationCancelled):
+        return EXIT_RETRY
+    return EXIT_RETRY if exc.retryable else EXIT_FAILED
 
 
 # -- argument parsing --------------------------------------------------------------------
@@ -83,29 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     rotate = sub.add_parser("rotate", help="rotate to a new DEK and re-encrypt every row")
     _store_args(rotate, kek=True)
+    rotate.add_argument("--policy-version", type=int, metavar="N",
+                        help="the policy version this rotation serves, as a spec.version bump "
+                             "would (a version already served does nothing); without it, a "
+                             "manual rotation that uses up no policy version")
+    _rotation_args(rotate)
     rotate.add_argument("--mode", choices=MODES, default="Online",
                         help="Online (default): batches, applications keep writing; "
-                             "Atomic: one transaction, writes wait")
-    rotate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
-                        help=f"rows per batch (default {DEFAULT_BATCH})")
-    rotate.add_argument("--policy-version", type=int, metavar="N",
-                        help="the version this rotation serves (default: the next one); "
-                             "a version already served does nothing")
-    rotate.add_argument("--no-vacuum", action="store_true",
-                        help="skip VACUUM (ANALYZE) of the targets afterwards")
-    rotate.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="processes re-encrypting in parallel in online mode, for tables "
-                             "of more than 16 batches (default 2; 1..8)")
+                             "Atomic: rows move in one transaction, writes wait")
     rotate.add_argument("--grace", type=float, default=2.0, metavar="SECONDS",
-                        help="online mode: wait this long after minting the new key before "
-                             "the final pass, at least the applications' key-ring max_age "
+                        help="wait this long after the new key is committed before the "
+                             "handover: more than the applications' key-ring max_age "
                              "(default 2)")
-    rotate.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
-                        help="wait this long for another rotation to finish (default 0)")
-    rotate.add_argument("--actor", default=None,
-                        help="recorded as rotated_by (default cli:$USER)")
-    rotate.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    rotate.add_argument("--handover-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long the handover waits for transactions open at its start "
+                             "(default 300); rows they commit later are swept")
     rotate.set_defaults(func=cmd_rotate)
+
+    sweep = sub.add_parser("sweep", help="move rows found under a retired key onto the "
+                                         "active key (no new key)")
+    _store_args(sweep, kek=True)
+    _rotation_args(sweep)
+    sweep.set_defaults(func=cmd_sweep)
 
     verify = sub.add_parser("verify", help="decrypt every row and check the audit chain "
                                            "(read-only); exit 1 on any failure")
@@ -113,6 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
     verify.set_defaults(func=cmd_verify)
     return p
+
+
+def _rotation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"rows per batch (default {DEFAULT_BATCH})")
+    p.add_argument("--max-batch-bytes", type=int, default=DEFAULT_BATCH_BYTES, metavar="N",
+                   help=f"value bytes per batch at most (default {DEFAULT_BATCH_BYTES})")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="processes re-encrypting in parallel in online mode, for tables "
+                        "of more than 16 batches (default 2; 1..8)")
+    p.add_argument("--lock-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="longest wait for a lock per statement (default 5; 0 = forever)")
+    p.add_argument("--statement-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="longest run of one statement (default 600; 0 = no limit)")
+    p.add_argument("--no-vacuum", action="store_true",
+                   help="skip VACUUM (ANALYZE) of the targets afterwards")
+    p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another rotation to finish (default 0)")
+    p.add_argument("--actor", default=None, help="recorded as rotated_by (default cli:$USER)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+
+def _options(args: argparse.Namespace) -> RotationOptions:
+    return RotationOptions(mode=getattr(args, "mode", "Online"), batch_size=args.batch_size,
+                           vacuum=not args.no_vacuum, workers=args.workers,
+                           grace=getattr(args, "grace", 2.0),
+                           max_batch_bytes=args.max_batch_bytes,
+                           lock_timeout=args.lock_timeout,
+                           statement_timeout=args.statement_timeout,
+                           handover_timeout=getattr(args, "handover_timeout", 300.0))
 
 
 def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
@@ -196,7 +265,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"active key: v{snap.active_version}   served policy version: {snap.served_version}")
     print(f"secrets: {snap.secret_count}   legacy: {snap.legacy_count}   "
-          f"stale: {snap.stale_count}   audit events: {snap.audit_events}")
+          f"stale: {snap.stale_count}   under retired keys: {snap.retired_count}   "
+          f"audit events: {snap.audit_events}")
     print(f"\n{'VERSION':<8} {'STATE':<9} {'ROWS':>10}  {'CREATED':<25} ROTATED BY")
     for k in snap.keys:
         print(f"v{k.version:<7} {k.state:<9} {k.rows:>10}  {k.created_at:%Y-%m-%d %H:%M:%S%z}"
@@ -205,6 +275,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         r = snap.running
         print(f"\nrotation to v{r.to_version} is RUNNING (interrupted or in progress): "
               f"{r.re_encrypted}/{r.total} rows; run `rotate` again to resume")
+    elif snap.retired_count:
+        print(f"\n{snap.retired_count} rows are under a retired key: run `sweep`")
     return EXIT_OK
 
 
@@ -222,7 +294,8 @@ def _record(r: Any) -> dict[str, Any] | None:
 
     if r is None:
         return None
-    return {"policyVersion": r.requested_version, "phase": r.phase, "mode": r.mode,
+    return {"policyVersion": r.requested_version, "kind": r.kind, "phase": r.phase,
+            "mode": r.mode,
             "fromVersion": r.from_version, "toVersion": r.to_version,
             "reEncrypted": r.re_encrypted, "total": r.total,
             "startedAt": rfc3339(r.started_at), "finishedAt": rfc3339(r.finished_at)}
@@ -252,29 +325,68 @@ class _ProgressBar:
 def cmd_rotate(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    options = RotationOptions(mode=args.mode, batch_size=args.batch_size,
-                              vacuum=not args.no_vacuum, workers=args.workers,
-                              grace=args.grace)
     engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args))
     bar = _ProgressBar()
     try:
-        res = engine.rotate(args.policy_version, options, progress=bar,
+        res = engine.rotate(args.policy_version, _options(args), progress=bar,
                             lock_wait=args.wait_lock)
     finally:
         bar.close()
+    return _print_result(args, res)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args))
+    bar = _ProgressBar()
+    try:
+        res = engine.sweep(_options(args), progress=bar, lock_wait=args.wait_lock)
+    finally:
+        bar.close()
+    return _print_result(args, res)
+
+
+def _print_result(args: argparse.Namespace, res: Any) -> int:
+    from .decisions import Action
+
+    decision = res.decision
     if args.output == "json":
-        print(json.dumps({k: v for k, v in vars(res).items()}, default=list))
+        data = {k: v for k, v in vars(res).items() if k != "decision"}
+        data["decision"] = None if decision is None else {
+            "action": decision.action.value, "reason": decision.reason,
+            "message": decision.message}
+        print(json.dumps(data, default=list))
     elif not res.performed:
-        print(f"policy version {res.requested_version} already served: active key "
-              f"v{res.to_version}, nothing to do")
+        print(f"{decision.message if decision else 'nothing to do'}: active key "
+              f"v{res.to_version}, nothing done")
+    elif res.kind == "sweep":
+        print(f"swept {res.re_encrypted} rows from retired keys onto v{res.to_version} "
+              f"in {res.seconds:.2f}s")
     else:
         rate = res.re_encrypted / res.seconds if res.seconds else 0
-        print(f"rotated v{res.from_version} -> v{res.to_version} ({res.mode}"
+        what = "manual rotation" if res.kind == "manual" else \
+            f"policy version {res.requested_version}"
+        print(f"rotated v{res.from_version} -> v{res.to_version} ({res.mode}, {what}"
               f"{', resumed' if res.resumed else ''}): {res.re_encrypted} rows re-encrypted "
               f"({res.legacy_migrated} legacy) in {res.seconds:.2f}s ({rate:,.0f} rows/s); "
               f"retired {', '.join(f'v{v}' for v in res.retired) or 'none'}")
+        handover = res.handover or {}
+        if handover:
+            print(f"  handover: waited {handover.get('graceSeconds', 0)}s of grace and for "
+                  f"{handover.get('transactions', 0)} open transactions"
+                  + (f" (timed out with {handover['stillOpen']} still open)"
+                     if handover.get("timedOut") else "")
+                  + f"; {res.caught_in_handover} rows written under old keys were caught")
+        if res.swept_after:
+            print(f"  {res.swept_after} rows arrived under a retired key as it finished: "
+                  "swept")
         for table, (before, after) in res.table_sizes.items():
             print(f"  {table}: {before / 1e6:.1f} MB before, {after / 1e6:.1f} MB after VACUUM")
+        if res.vacuum_skipped:
+            print(f"  VACUUM skipped (role does not own): {', '.join(res.vacuum_skipped)}")
+    if decision is not None and decision.action in (Action.BEHIND, Action.PAUSED):
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -285,6 +397,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps({"ok": rep.ok, "rows": rep.rows, "legacy": rep.legacy,
                           "perKey": rep.per_key, "failures": rep.failures,
+                          "underRetiredKeys": rep.retired,
                           "auditEvents": rep.audit_events, "auditHead": rep.audit_head,
                           "auditError": rep.audit_error}))
     else:
@@ -292,6 +405,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"rows: {rep.rows} ({keys or 'none'}); failed to decrypt: {len(rep.failures)}")
         for f in rep.failures[:20]:
             print(f"  FAIL {f['table']} id={f['id']} key_id={f['key_id']}")
+        if rep.retired:
+            under = ", ".join(f"{k}: {n}" for k, n in sorted(rep.retired.items()))
+            print(f"rows under retired keys: {under} (run `sweep`, or let the operator's "
+                  "refresh sweep them)")
         chain = f"BROKEN: {rep.audit_error}" if rep.audit_error else \
             f"ok (head {rep.audit_head[:16]})"
         print(f"audit chain: {rep.audit_events} events, {chain}")

@@ -8,6 +8,7 @@ clear error early, quoting makes injection impossible even if validation had a h
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ KEYS_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
 Mode = Literal["Online", "Atomic"]
 MODES: tuple[Mode, ...] = ("Online", "Atomic")
 MIN_BATCH, MAX_BATCH, DEFAULT_BATCH = 100, 50_000, 5_000
+#: Column types a key-id column may have.
+KEY_INT_TYPES = ("smallint", "integer", "bigint")
+MIN_BATCH_BYTES, MAX_BATCH_BYTES, DEFAULT_BATCH_BYTES = 1 << 20, 1 << 30, 8 << 20
 
 
 def identifier(value: object, what: str, pattern: re.Pattern[str] = IDENTIFIER) -> str:
@@ -124,7 +128,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class RotationOptions:
-    """How to rotate: mode, batch size, vacuum afterwards, workers."""
+    """How to rotate: mode, batch bounds, vacuum afterwards, workers, handover, timeouts."""
 
     mode: Mode = "Online"
     batch_size: int = DEFAULT_BATCH
@@ -132,16 +136,30 @@ class RotationOptions:
     #: Processes that re-encrypt in parallel (online mode, tables of more than 16 batches);
     #: 1 = in this process only.
     workers: int = 2
-    #: Seconds after minting before the final pass of an online rotation: at least the
-    #: application library's ``max_age`` (1 s by default), so every writer has moved to the
-    #: new key before the old one is retired.
+    #: Seconds after the new key's commit before the handover waits for transactions in
+    #: flight and the final passes run: more than the application library's ``max_age``
+    #: (1 s by default), so every ring has seen the new key.
     grace: float = 2.0
+    #: Upper bound on the bytes of values one batch holds (rows are also bounded by
+    #: ``batch_size``): keeps memory flat with large values.
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES
+    #: Seconds a rotation statement may wait for a lock (0 = forever), so an Atomic
+    #: ``LOCK TABLE`` behind a long transaction does not queue every application writer.
+    lock_timeout: float = 5.0
+    #: Seconds one rotation statement may run (0 = no limit).
+    statement_timeout: float = 600.0
+    #: Seconds the handover waits for transactions that were open after the grace; past
+    #: it the rotation finishes and rows they commit later under the old key are swept.
+    handover_timeout: float = 300.0
+    #: Seconds between checks that the rotation lock's session is alive.
+    heartbeat: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"rotation mode {self.mode!r} is not one of {', '.join(MODES)}")
         # bool is an int to Python; a string or float from a loose spec is not a count.
-        for name, value in (("batchSize", self.batch_size), ("workers", self.workers)):
+        for name, value in (("batchSize", self.batch_size), ("workers", self.workers),
+                            ("maxBatchBytes", self.max_batch_bytes)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name} {value!r} is not an integer")
         if not MIN_BATCH <= self.batch_size <= MAX_BATCH:
@@ -149,10 +167,26 @@ class RotationOptions:
                 f"batchSize {self.batch_size} is outside {MIN_BATCH}..{MAX_BATCH} "
                 "(larger batches flip PostgreSQL to a slower hash-join plan)"
             )
-        if not isinstance(self.grace, int | float) or not 0 <= self.grace <= 3600:
-            raise ConfigError(f"grace {self.grace!r} is outside 0..3600 seconds")
+        if not MIN_BATCH_BYTES <= self.max_batch_bytes <= MAX_BATCH_BYTES:
+            raise ConfigError(f"maxBatchBytes {self.max_batch_bytes} is outside "
+                              f"{MIN_BATCH_BYTES}..{MAX_BATCH_BYTES}")
+        limits: tuple[tuple[str, float, int], ...] = (
+            ("graceSeconds", self.grace, 3600),
+            ("lockTimeoutSeconds", self.lock_timeout, 3600),
+            ("statementTimeoutSeconds", self.statement_timeout, 86400),
+            ("handoverTimeoutSeconds", self.handover_timeout, 86400),
+            ("heartbeat", self.heartbeat, 60))
+        for name, seconds, top in limits:
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or \
+                    not 0 <= seconds <= top:
+                raise ConfigError(f"{name} {seconds!r} is outside 0..{top} seconds")
         if not 1 <= self.workers <= 8:
             raise ConfigError(f"workers {self.workers} is outside 1..8")
+        if self.heartbeat <= 0:
+            raise ConfigError("heartbeat must be more than 0 seconds")
+
+    def replace(self, **changes: Any) -> RotationOptions:
+        return dataclasses.replace(self, **changes)
 
 
 def targets_from_spec(items: Iterable[Mapping[str, Any]]) -> list[Target]:

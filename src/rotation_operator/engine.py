@@ -1,46 +1,78 @@
-"""The rotation workflow: initialise a keys table, rotate to a new DEK, report results.
+"""The rotation workflow: prepare a keys table, decide, rotate or sweep, report results.
 
 This is the service layer both the CLI and the operator call; it knows nothing of
-Kubernetes.  The shape of one rotation:
+Kubernetes.  One request is one pass: **prepare** once (read-only checks of every target,
+then create or migrate the own tables, ensure an active key, prove the KEK), **decide** with
+:func:`.decisions.decide` (the only place that decides), **act**, report.
 
-1. take the session-level advisory lock of the keys table (one rotator at a time);
-2. decide from the rotation records what the request means: already served (no-op),
-   an interrupted rotation to resume, or a new one;
-3. **Online**: commit the new DEK as active and the old one as retiring in one short
-   transaction, then move rows in batches (:mod:`.mover`: a heap block range read by TID,
-   decrypt-check-encrypt in Python, one set-based ``UPDATE … FROM unnest`` guarded by
-   ctid and xmin), each batch its own transaction, in ``workers`` processes for big
-   tables; wait ``grace`` seconds after minting and for older transactions to end
-   (:meth:`Engine._settle`), and pass again until no row is under a non-active key; then
-   retire the old keys and mark the rotation done in one transaction.  Progress lives in
-   the rows, so a crash anywhere resumes where it stopped.
-   **Atomic**: the same steps inside one transaction with the targets locked against
-   writes: all or nothing.
-4. optionally ``VACUUM (ANALYZE)`` the targets (every row was rewritten).
+Acting, under the rotation lock (:mod:`.locks`) and with a fresh look at the records:
+
+1. **claim**: one short transaction mints the new DEK as active and the old one retiring,
+   and records a running rotation with a new *fence* token (or, to resume, moves the
+   fence of the running record on, which stops whoever ran it before at its next batch);
+2. **announce**: stamp the time the key is known committed;
+3. **Online**: move rows in batches (:mod:`.mover`), each its own fenced transaction; then
+   the **handover**: wait until ``grace`` seconds have passed since the announcement (every
+   library ring has seen the new key) and for every transaction in flight at that moment to
+   end (``pg_current_snapshot()``'s xip list, which needs no privilege); then pass again
+   until a count finds no row under a non-active key; a watchdog stops passes that move
+   nothing.  **Atomic**: after the same handover, one transaction locks the targets against
+   writes, moves every row, and finishes: rows move all or nothing;
+4. **finish**: retire the old keys and mark the record done (fenced);
+5. **after**: count rows under retired keys once more (a row committed while the final
+   count ran) and sweep them at once; later ones are swept by the refresh timer.
+
+``VACUUM (ANALYZE)`` of the targets follows (every row was rewritten).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from . import audit, faults, mover
 from .config import RotationOptions, StoreConfig, Target
+from .database import Conn, Timeouts, check_server, connect, db_errors
+from .decisions import Action, Decision, Request, Running, State, decide
 from .errors import (
+    DatabaseForbidden,
+    KeysTableShared,
     RotationOperatorError,
+    RotationStuck,
     RowDecryptError,
+    SchemaError,
 )
 from .keyring import KeyRing
-from .keystore import Conn, KeyStore, connect, db_errors, ident, rotation_lock
+from .keystore import Coverage, KeyStore, RotationRecord, check_legacy_kek
+from .locks import RotationLock
+from .tables import Layout, inspect
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
-_BATCH_RETRIES = 5
+#: Raises (RotationPaused, RotationCancelled) to stop between batches; called often.
+ControlFn = Callable[[], None]
+#: Passes in a row that move nothing while rows remain before a rotation is called stuck.
+STUCK_PASSES = 3
+#: Passes after the handover in which rows keep arriving under old keys before stopping.
+MAX_FINAL_PASSES = 8
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What one preparation found: the targets, the key ring, the database's state."""
+
+    layouts: tuple[Layout, ...]
+    ring: KeyRing
+    state: State
+    created_key: bool = False
+    baseline_recorded: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,18 +85,28 @@ class InitResult:
 
 @dataclass(frozen=True)
 class RotationResult:
-    requested_version: int
-    performed: bool  # False: this version was already served, nothing was done
+    requested_version: int | None
+    performed: bool  # False: nothing was done (see ``decision``)
     resumed: bool
     mode: str
     from_version: int | None
     to_version: int
+    decision: Decision | None = None
+    kind: str = "policy"
     re_encrypted: int = 0
     legacy_migrated: int = 0
     retired: tuple[int, ...] = ()
     seconds: float = 0.0
+    #: What the handover did: grace waited, transactions waited for, timed out.
+    handover: dict[str, Any] = field(default_factory=dict)
+    #: Rows moved after the handover (written under an old key while the rotation ran).
+    caught_in_handover: int = 0
+    #: Rows found under a retired key right after the finish, and swept at once.
+    swept_after: int = 0
     #: table -> (bytes before rotation, bytes after VACUUM); empty when vacuum is off.
     table_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Heaps VACUUM skipped because the role may not vacuum them (not the owner).
+    vacuum_skipped: tuple[str, ...] = ()
 
 
 @dataclass
@@ -74,274 +116,557 @@ class _Counter:
     legacy: int = 0
 
 
-class Engine:
-    """Key management for one keys table and its targets, given a DSN and the KEK."""
+@dataclass(frozen=True)
+class _Claim:
+    record_id: int
+    fence: int
+    kind: str
+    requested: int | None
+    from_version: int | None
+    to_version: int
+    resumed: bool
+    announced: datetime
 
-    def __init__(self, dsn: str, cfg: StoreConfig, kek: bytes, *, actor: str):
+
+class Engine:
+    """Key management for one keys table and its targets, given a DSN and the KEK.
+
+    ``owner`` names who the targets are recorded for (a policy's ``namespace/name``);
+    ``None`` (the CLI) may use a keys table only with the targets it already covers.
+    """
+
+    def __init__(self, dsn: str, cfg: StoreConfig, kek: bytes, *, actor: str,
+                 owner: str | None = None):
         self.dsn = dsn
         self.cfg = cfg
         self.store = KeyStore(cfg)
         self._kek = kek
         self.actor = actor
+        self.owner = owner
 
     def __repr__(self) -> str:  # never show the DSN (password) or the KEK
         return f"Engine(keys={self.cfg.qualified_keys!r}, actor={self.actor!r})"
 
-    # -- initialise ----------------------------------------------------------------------
-    def initialise(self, policy_version: int | None = None) -> InitResult:
-        """Create own tables, check targets, ensure an active key, prove the KEK (fail
-        closed), and record ``policy_version`` as served if nothing was recorded yet."""
+    # -- prepare -------------------------------------------------------------------------
+    def prepare(self, policy_version: int | None = None) -> Prepared:
+        """Read-only checks first (server version, every target, the targets the keys table
+        already covers, the KEK against legacy rows while no key exists); then create or
+        migrate the own tables, ensure an active key, prove the KEK unwraps every DEK (fail
+        closed) and record ``policy_version`` as served if no policy version is yet."""
         with db_errors(), connect(self.dsn) as conn:
-            created = self._prepare(conn, policy_version)
+            check_server(conn)
+            layouts = tuple(inspect(conn, t) for t in self.cfg.targets)
+            coverage = self.store.check_coverage(conn, layouts, self.owner)
+            if coverage is not None:
+                self._check_removed(conn, coverage)
+            fresh = not self.store.exists(conn)
+            if fresh:
+                check_legacy_kek(conn, self._kek, layouts)
+            self.store.migrate(conn)
+            if coverage is not None:
+                with conn.transaction():
+                    self.store.record_coverage(conn, coverage, self.actor)
+            created = self.store.ensure_active_key(conn, self._kek, self.actor,
+                                                   policy_version, layouts)
             ring = self.store.load_ring(conn, self._kek)
-            conn.commit()
-            baseline = False
-            if policy_version is not None:
-                baseline = self.store.record_baseline(conn, policy_version, ring.active_version,
-                                                      self.actor)
-            served = self.store.served_version(conn)
-            conn.commit()
-            return InitResult(ring.active_version, created, baseline, served)
+            baseline = policy_version is not None and self.store.record_baseline(
+                conn, policy_version, ring.active_version, self.actor)
+            state = observe(conn, self.store, ring.active_version)
+        return Prepared(layouts, ring, state, created, baseline)
 
-    def _prepare(self, conn: Conn, policy_version: int | None) -> bool:
-        """Read-only checks first (targets; the KEK against legacy rows while no key
-        exists), then create/migrate own tables and ensure an active key.  A bad target or
-        a KEK that opens no legacy row stops here, before the database is touched."""
-        for target in self.cfg.targets:
-            self.store.check_target(conn, target)
-        if not self.store.has_keys(conn):
-            self.store.check_legacy_kek(conn, self._kek)
-        self.store.migrate(conn)
-        return self.store.ensure_active_key(conn, self._kek, self.actor, policy_version)
+    def _check_removed(self, conn: Conn, coverage: Coverage) -> None:
+        """A target dropped from the coverage must hold no row under these keys any more:
+        its rows would stay under keys that later rotations retire."""
+        recorded = self.store.coverage(conn)
+        if recorded is None:
+            return
+        keep = {(t["schema"], t["table"]) for t in coverage.targets}
+        for t in recorded.targets:
+            if (t["schema"], t["table"]) in keep:
+                continue
+            try:
+                layout = inspect(conn, Target(t["table"], t["idColumn"], t["valueColumn"],
+                                              t["keyIdColumn"], t["schema"]), writes=False)
+            except SchemaError:
+                continue  # dropped or renamed: nothing of it can be read any more
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {kid} IS NOT NULL"
+                                       ).format(t=layout.ident,
+                                                kid=sql.Identifier(t["keyIdColumn"]))
+                               ).fetchone()
+            if row and row[0]:
+                raise KeysTableShared(
+                    f"{layout.display} still holds {row[0]} rows encrypted under keys of "
+                    f"{self.cfg.qualified_keys}; keep it among the targets until they are "
+                    "gone, or later rotations would retire keys they need")
 
-    # -- rotate --------------------------------------------------------------------------
-    def rotate(self, requested_version: int | None = None,
-               options: RotationOptions | None = None, *,
-               progress: ProgressFn | None = None, lock_wait: float = 0.0) -> RotationResult:
-        """Rotate to a new DEK for ``requested_version`` (default: the next one).
+    def initialise(self, policy_version: int | None = None) -> InitResult:
+        """:meth:`prepare`, summarised."""
+        p = self.prepare(policy_version)
+        return InitResult(p.ring.active_version, p.created_key, p.baseline_recorded,
+                          p.state.served)
 
-        Idempotent per requested version; resumes an interrupted rotation; raises
-        :class:`LockHeld` if another rotator runs.
+    # -- act -----------------------------------------------------------------------------
+    def execute(self, request: Request, options: RotationOptions | None = None, *,
+                prepared: Prepared | None = None, progress: ProgressFn | None = None,
+                control: ControlFn | None = None, lock_wait: float = 0.0) -> RotationResult:
+        """Carry out ``request``: decide (again, under the lock, on fresh records) and act.
+
+        ``prepared``: this pass's :meth:`prepare`, when the caller already ran it.
         """
         options = options or RotationOptions()
         started = time.monotonic()
-        with db_errors(), rotation_lock(self.dsn, self.cfg, lock_wait), \
-                connect(self.dsn) as conn:
-            self._prepare(conn, None)
-            ring = self.store.load_ring(conn, self._kek)  # fail closed before any write
-            records = self.store.rotation_records(conn)
-            conn.commit()
-            running = next((r for r in records if r.phase == "running"), None)
-            served = max((r.requested_version for r in records
-                          if r.phase in ("baseline", "done")), default=None)
-            if requested_version is None:
-                requested_version = running.requested_version if running else (served or 0) + 1
-            if served is not None and requested_version <= served:
-                return RotationResult(requested_version, False, False, options.mode,
-                                      ring.active_version, ring.active_version)
-            sizes = self._sizes(conn)
-            conn.commit()
-            # An interrupted rotation of this version is finished, in either mode, under
-            # the key it minted: a second key for one version would break invariant 5.
-            resume = (running is not None and running.requested_version == requested_version
-                      and running.to_version == ring.active_version)
-            counter = _Counter()
-            try:
-                if options.mode == "Atomic":
-                    result = self._rotate_atomic(conn, requested_version, ring, options,
-                                                 counter, progress, resume)
-                else:
-                    result = self._rotate_online(conn, requested_version, ring, options,
-                                                 counter, progress, resume)
-            except RowDecryptError as exc:
-                conn.rollback()
-                self._record_failure(conn, requested_version, exc)
-                raise
+        if prepared is None:  # a rotation request records no baseline: it rotates
+            prepared = self.prepare()
+        decision = decide(request, prepared.state)
+        if decision.action not in (Action.ROTATE, Action.RESUME, Action.SWEEP):
+            return _nothing(request, options, prepared.state, decision)
+        timeouts = Timeouts(int(options.lock_timeout * 1000),
+                            int(options.statement_timeout * 1000))
+        sizes: dict[str, int] = {}
+        with db_errors(), RotationLock(self.dsn, self.cfg, wait=lock_wait,
+                                       heartbeat=options.heartbeat) as lock, \
+                connect(self.dsn, timeouts=timeouts) as conn:
+            state = observe(conn, self.store, prepared.ring.active_version,
+                            count=prepared.layouts if request.kind == "sweep" else ())
+            decision = decide(request, state)
+            if decision.action not in (Action.ROTATE, Action.RESUME, Action.SWEEP):
+                return _nothing(request, options, state, decision)
+            if options.vacuum:
+                sizes = _sizes(conn, prepared.layouts)
+            run = _Run(self, conn, lock, prepared, options, timeouts, progress, control)
+            result = run.act(decision, request)
         faults.point("before-vacuum")
-        table_sizes = self._vacuum(sizes) if options.vacuum else {}
-        return RotationResult(
-            requested_version, True, resume, options.mode, result[0], result[1],
-            re_encrypted=counter.done, legacy_migrated=counter.legacy, retired=result[2],
-            seconds=time.monotonic() - started, table_sizes=table_sizes)
+        if options.vacuum and result.re_encrypted:
+            vacuumed, skipped = self._vacuum(prepared.layouts, sizes)
+            result = _replace(result, table_sizes=vacuumed, vacuum_skipped=skipped)
+        return _replace(result, seconds=time.monotonic() - started)
 
-    def _rotate_online(self, conn: Conn, requested: int, ring: KeyRing,
-                       options: RotationOptions, counter: _Counter,
-                       progress: ProgressFn | None, resume: bool
-                       ) -> tuple[int | None, int, tuple[int, ...]]:
-        from_version: int | None
-        if resume:
-            from_version = next(r.from_version for r in self.store.rotation_records(conn)
-                                if r.requested_version == requested)
-            counter.done = 0
-            counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
-                                for t in self.cfg.targets)
-            log.info("resuming rotation to policy version %s (DEK v%s)", requested,
-                     ring.active_version)
-        else:
-            from_version = ring.active_version
-            with conn.transaction():
-                ring = self._mint(conn, requested, ring, "Online", counter)
-            faults.point("after-start")
-        to_version = ring.active_version
-        if progress:
-            progress(0, counter.total)
-        settled = False
-        while True:
-            for target in self.cfg.targets:
-                self._move_target(conn, target, ring, options, counter, progress,
-                                  requested=requested)
-            if not settled:
-                self._settle(conn, to_version, options.grace)
-                settled = True
-                continue  # one more pass for what arrived while settling
-            with conn.transaction():
-                left = sum(self.store.count_not_under(conn, t, to_version)
-                           for t in self.cfg.targets)
-                if left:  # written under an old key while we moved: another pass
-                    log.info("%d rows arrived under old keys during the pass; moving them",
-                             left)
-                    counter.total += left
-                    continue
-                faults.point("before-finish")
-                retired = self._finish(conn, requested, to_version, counter)
-            return from_version, to_version, retired
-
-    def _settle(self, conn: Conn, to_version: int, grace: float) -> None:
-        """Make sure no writer can still be encrypting under an old key before the last
-        pass and the retirement (invariant 4 with applications writing concurrently).
-
-        Two gaps close here: an application's key ring may not have noticed the new
-        active key yet (the library re-checks every ``max_age`` seconds, so we wait until
-        ``grace`` seconds have passed since the key was minted), and a transaction that
-        encrypted under the old key may not have committed yet (we wait, bounded, for every
-        transaction older than the new key to end).
+    def rotate(self, requested_version: int | None = None,
+               options: RotationOptions | None = None, *,
+               progress: ProgressFn | None = None, control: ControlFn | None = None,
+               lock_wait: float = 0.0) -> RotationResult:
+        """Rotate for ``requested_version`` (a policy version), or a manual rotation that
+        uses up no policy version when it is ``None``.  Idempotent per policy version;
+        resumes an interrupted rotation; raises :class:`LockHeld` if another rotator runs.
         """
-        row = conn.execute(sql.SQL(
-            "SELECT extract(epoch FROM clock_timestamp() - created_at)::float8, created_at "
-            "FROM {} WHERE version = %s").format(self.store.keys), (to_version,)).fetchone()
-        if row is None:
-            return
-        age, minted = row
-        if grace > age:
-            time.sleep(grace - age)
-        deadline = time.monotonic() + max(grace, 1.0) * 15
-        while time.monotonic() < deadline:
-            older = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
-                "AND xact_start < %s", (minted,)).fetchone()
-            if not older or not older[0]:
-                return
-            time.sleep(0.1)
-        log.warning("transactions older than DEK v%s are still open; finishing without "
-                    "waiting for them (rows they write under an old key stay readable and "
-                    "are counted as stale)", to_version)
+        request = Request("policy", requested_version) if requested_version is not None \
+            else Request("manual")
+        return self.execute(request, options, progress=progress, control=control,
+                            lock_wait=lock_wait)
 
-    def _rotate_atomic(self, conn: Conn, requested: int, ring: KeyRing,
-                       options: RotationOptions, counter: _Counter,
-                       progress: ProgressFn | None, resume: bool = False
-                       ) -> tuple[int | None, int, tuple[int, ...]]:
-        from_version: int | None = ring.active_version
-        with conn.transaction():
-            for target in self.cfg.targets:  # readers go on; writers wait for the commit
-                conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-                    ident(target.schema, target.table)))
-            if resume:  # an interrupted (online) rotation of this version: no new key
-                from_version = next(r.from_version for r in self.store.rotation_records(conn)
-                                    if r.requested_version == requested)
-                log.info("finishing the interrupted rotation to policy version %s (DEK v%s) "
-                         "atomically", requested, ring.active_version)
-                counter.total = sum(self.store.count_not_under(conn, t, ring.active_version)
-                                    for t in self.cfg.targets)
+    def sweep(self, options: RotationOptions | None = None, *,
+              prepared: Prepared | None = None, progress: ProgressFn | None = None,
+              control: ControlFn | None = None, lock_wait: float = 0.0) -> RotationResult:
+        """Move rows under retired keys onto the active key (no new key)."""
+        return self.execute(Request("sweep"), options, prepared=prepared, progress=progress,
+                            control=control, lock_wait=lock_wait)
+
+    def _vacuum(self, layouts: Iterable[Layout], before: dict[str, int]
+                ) -> tuple[dict[str, tuple[int, int]], tuple[str, ...]]:
+        """VACUUM (ANALYZE) each heap the role may vacuum: every row was rewritten, so
+        half the heap is dead.  Heaps it does not own are left to autovacuum."""
+        skipped: list[str] = []
+        with db_errors(), connect(self.dsn, timeouts=Timeouts()) as conn:
+            for layout in layouts:
+                for heap in layout.heaps:
+                    if not heap.vacuumable:
+                        skipped.append(heap.display)
+                        continue
+                    conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(heap.ident))
+            after = _sizes(conn, layouts)
+        if skipped:
+            log.info("VACUUM skipped %s: the role does not own them (autovacuum reclaims "
+                     "the space)", ", ".join(skipped))
+        return {name: (before[name], after[name]) for name in before}, tuple(skipped)
+
+
+def observe(conn: Conn, store: KeyStore, active: int, count: Iterable[Layout] = ()) -> State:
+    """The database's state for :func:`decide` (``count``: also count rows under retired
+    keys in these targets; a full scan, so only sweeps ask)."""
+    records = store.rotation_records(conn)
+    served = max((r.requested_version for r in records
+                  if r.phase in ("baseline", "done") and r.requested_version is not None),
+                 default=None)
+    run = next((r for r in records if r.phase == "running"), None)
+    layouts = list(count)
+    retired = store.count_stale(conn, layouts, active, legacy=False) if layouts else None
+    return State(active, served, _running(run), retired)
+
+
+def _running(record: RotationRecord | None) -> Running | None:
+    if record is None:
+        return None
+    return Running(record.id, record.kind, record.requested_version, record.to_version)
+
+
+class _Run:
+    """One rotation or sweep under the lock: its connection, fence and counters."""
+
+    def __init__(self, engine: Engine, conn: Conn, lock: RotationLock, prepared: Prepared,
+                 options: RotationOptions, timeouts: Timeouts, progress: ProgressFn | None,
+                 control: ControlFn | None) -> None:
+        self.e = engine
+        self.store = engine.store
+        self.conn = conn
+        self.lock = lock
+        self.layouts = prepared.layouts
+        self.ring = prepared.ring
+        self.options = options
+        self.timeouts = timeouts
+        self._progress = progress
+        self._control = control
+        self.counter = _Counter()
+        self.claim: _Claim | None = None
+
+    # -- the steps -----------------------------------------------------------------------
+    def act(self, decision: Decision, request: Request) -> RotationResult:
+        mode = "Online" if decision.action is Action.SWEEP else self.options.mode
+        with self.conn.transaction():
+            if decision.action is Action.ROTATE:
+                claim = self._mint(request, mode)
+            elif decision.action is Action.RESUME:
+                assert decision.running is not None
+                claim = self._resume(decision.running, mode)
             else:
-                ring = self._mint(conn, requested, ring, "Atomic", counter)
-            if progress:
-                progress(0, counter.total)
-            for target in self.cfg.targets:
-                self._move_target(conn, target, ring, options, counter, progress,
-                                  requested=None)
-            if counter.done:  # status and `status` show how many rows this rotation moved
-                self.store.add_progress(conn, requested, counter.done)
-            faults.point("before-finish")
-            retired = self._finish(conn, requested, ring.active_version, counter)
-        return from_version, ring.active_version, retired
+                claim = self._claim_sweep()
+        faults.point("after-start")
+        self.claim = claim = dataclasses.replace(claim, announced=self.store.announce(
+            self.conn, claim.record_id, claim.fence))
+        self.ring = self.store.load_ring(self.conn, self.e._kek)
+        self.report()
+        try:
+            if claim.kind == "sweep":
+                handover: dict[str, Any] = {}
+                caught = self._passes(legacy=False, after_handover=False)
+                retired = self._finish(legacy=False)
+            elif mode == "Atomic":
+                handover = self._handover()
+                retired = self._atomic()
+                caught = 0
+            else:
+                self._pass(legacy=True)
+                handover = self._handover()
+                caught = self._passes(legacy=True, after_handover=True)
+                retired = self._finish(legacy=True)
+        except RowDecryptError as exc:
+            self._record_failure(exc)
+            raise
+        swept = self._after() if claim.kind != "sweep" else 0
+        return RotationResult(
+            claim.requested, True, claim.resumed, mode, claim.from_version, claim.to_version,
+            decision, claim.kind, self.counter.done, self.counter.legacy, retired,
+            handover=handover, caught_in_handover=caught, swept_after=swept)
 
-    def _mint(self, conn: Conn, requested: int, ring: KeyRing, mode: str,
-              counter: _Counter) -> KeyRing:
-        """New DEK active, old ones retiring, rotation recorded: one transaction.
-        Counts the rows to move into ``counter.total``."""
-        versions = [k.version for k in self.store.list_keys(conn)]
-        new_version = max(versions) + 1
-        self.store.mark_active_retiring(conn)
-        self.store.insert_key(conn, self._kek, version=new_version, actor=self.actor,
-                              policy_version=requested)
-        total = counter.total = sum(self.store.count_not_under(conn, t, new_version)
-                                    for t in self.cfg.targets)
-        self.store.start_rotation(conn, requested, mode, ring.active_version, new_version,
-                                  self.actor, total)
-        audit.append(conn, self.cfg, "rotation_started", key_version=new_version,
-                     actor=self.actor, detail={"policy_version": requested, "mode": mode,
-                                               "from_version": ring.active_version,
-                                               "rows": total})
-        return self.store.load_ring(conn, self._kek)
+    def _mint(self, request: Request, mode: str) -> _Claim:
+        """New DEK active, old ones retiring, rotation recorded: one transaction.  The
+        record is claimed first: rotators' batches lock it before the key row."""
+        versions = [k.version for k in self.store.list_keys(self.conn)]
+        new_version, old = max(versions) + 1, self.ring.active_version
+        # Every row moves: none is under the key about to be minted.
+        total = self.store.count_stale(self.conn, self.layouts, new_version, legacy=True)
+        kind = "policy" if request.kind == "policy" else "manual"
+        record_id, fence = self.store.claim_new(
+            self.conn, kind=kind, requested=request.version, mode=mode, from_version=old,
+            to_version=new_version, actor=self.e.actor, total=total)
+        self.store.mark_active_retiring(self.conn)
+        self.store.insert_key(self.conn, self.e._kek, version=new_version, actor=self.e.actor,
+                              policy_version=request.version)
+        audit.append(self.conn, self.e.cfg, "rotation_started", key_version=new_version,
+                     actor=self.e.actor, detail={"policy_version": request.version,
+                                                 "kind": kind, "mode": mode,
+                                                 "from_version": old, "rows": total})
+        self.counter.total = total
+        return _Claim(record_id, fence, kind, request.version, old, new_version, False,
+                      datetime.min)
 
-    def _finish(self, conn: Conn, requested: int, to_version: int,
-                counter: _Counter) -> tuple[int, ...]:
-        retired = tuple(self.store.retire_retiring(conn, self.actor))
-        self.store.finish_rotation(conn, requested)
-        audit.append(conn, self.cfg, "rotation_finished", key_version=to_version,
-                     actor=self.actor, detail={"policy_version": requested,
-                                               "re_encrypted": counter.done,
-                                               "legacy_migrated": counter.legacy,
-                                               "retired": list(retired)})
-        return retired
+    def _resume(self, running: Running, mode: str) -> _Claim:
+        fence = self.store.claim_resume(self.conn, running.id, mode)
+        record = self.store.record(self.conn, running.id)
+        self.counter.total = self.store.count_stale(self.conn, self.layouts,
+                                                    record.to_version, legacy=True)
+        audit.append(self.conn, self.e.cfg, "rotation_resumed", key_version=record.to_version,
+                     actor=self.e.actor, detail={"policy_version": record.requested_version,
+                                                 "kind": record.kind, "mode": mode,
+                                                 "fence": fence})
+        log.info("resuming the %s rotation to DEK v%s", record.kind, record.to_version)
+        return _Claim(record.id, fence, record.kind, record.requested_version,
+                      record.from_version, record.to_version, True, datetime.min)
+
+    def _claim_sweep(self) -> _Claim:
+        active = self.ring.active_version
+        total = self.store.count_stale(self.conn, self.layouts, active, legacy=False)
+        record_id, fence = self.store.claim_new(
+            self.conn, kind="sweep", requested=None, mode="Online", from_version=None,
+            to_version=active, actor=self.e.actor, total=total)
+        self.counter.total = total
+        return _Claim(record_id, fence, "sweep", None, None, active, False, datetime.min)
 
     # -- moving rows ---------------------------------------------------------------------
-    def _move_target(self, conn: Conn, target: Target, ring: KeyRing,
-                     options: RotationOptions, counter: _Counter, progress: ProgressFn | None,
-                     *, requested: int | None) -> None:
-        """One pass over ``target``; ``requested`` set = online (commit each batch)."""
-        pl = mover.plan(conn, target, options.batch_size)
+    def _work(self, layout: Layout, heap_index: int, legacy: bool, fenced: bool
+              ) -> mover.Work:
+        claim = self.claim
+        assert claim is not None
+        return mover.Work(layout, layout.heaps[heap_index],
+                          mover.Fence(claim.record_id, claim.fence, claim.to_version)
+                          if fenced else None, legacy, self.options.batch_size,
+                          self.options.max_batch_bytes)
 
-        def on_batch(moved: int, legacy: int) -> None:
-            counter.done += moved
-            counter.legacy += legacy
-            if progress and moved:
-                progress(counter.done, max(counter.total, counter.done))
+    def _pass(self, *, legacy: bool) -> tuple[int, int]:
+        """One pass over every heap of every target; returns (rows moved, rows read)."""
+        before_done, read = self.counter.done, [0]
 
-        # Starting a worker costs ~0.3 s: worth it only for tables of many batches.
-        if requested is not None and options.workers > 1 and pl.blocks > 16 * pl.step:
-            index = list(self.cfg.targets).index(target)
-            mover.run_parallel(self.dsn, self.cfg, index, self._kek, pl, options.workers,
-                               requested, on_batch)
-            return
-        batch = mover.BatchMover(target, ring)
-        for lo, hi in pl.ranges():
-            if requested is None:  # atomic: already inside the one transaction
-                on_batch(*batch.run(conn, lo, hi))
-            else:
-                on_batch(*mover.move_batch(conn, self.store, batch, lo, hi, requested))
-            faults.point("after-batch")
+        def on_batch(moved: int, legacy_moved: int, rows_read: int) -> None:
+            self.counter.done += moved
+            self.counter.legacy += legacy_moved
+            read[0] += rows_read
+            self.report()
 
-    # -- helpers -------------------------------------------------------------------------
-    def _record_failure(self, conn: Conn, requested: int, exc: RotationOperatorError) -> None:
+        for layout in self.layouts:
+            for i in range(len(layout.heaps)):
+                work = self._work(layout, i, legacy, fenced=True)
+                pl = mover.plan(self.conn, work)
+                if pl.blocks > 16 * pl.step and self.options.workers > 1:
+                    mover.run_parallel(self.e.dsn, self.e.cfg, work, self.e._kek, pl,
+                                       self.options.workers, self.timeouts, on_batch,
+                                       self.checkpoint)
+                    continue
+                batch = mover.BatchMover(work, self.ring, self.store)
+                for lo, hi in pl.ranges():
+                    self.checkpoint()
+                    batch.move_range(self.conn, pl, lo, hi, own_tx=True, on_batch=on_batch)
+        return self.counter.done - before_done, read[0]
+
+    def _passes(self, *, legacy: bool, after_handover: bool) -> int:
+        """Pass until a count finds no row left; returns the rows these passes moved.
+
+        A pass that moves nothing while rows remain counts as a strike (a trigger
+        suppressing the UPDATE, a row the role cannot write); rows that keep arriving under
+        old keys pass after pass mean an application keeps writing with a stale key.
+        Either stops the rotation with :class:`RotationStuck`, naming a row.
+        """
+        moved_total, strikes = 0, 0
+        for number in range(1, MAX_FINAL_PASSES + 1):
+            moved, _ = self._pass(legacy=legacy)
+            moved_total += moved
+            left = self.store.count_stale(self.conn, self.layouts, self.ring.active_version,
+                                          legacy=legacy)
+            if not left:
+                return moved_total
+            self.counter.total += left
+            claim = self.claim
+            assert claim is not None
+            with self.conn.transaction():
+                self.store.add_progress(self.conn, claim.record_id, 0, left)
+            strikes = strikes + 1 if moved == 0 else 0
+            if strikes >= STUCK_PASSES:
+                raise self._stuck(legacy, f"{STUCK_PASSES} passes moved none of the {left} "
+                                          "rows left")
+            log.info("pass %d: %d rows still under old keys; passing again", number, left)
+            self.sleep(0.2 * strikes)
+        raise self._stuck(legacy, f"rows kept arriving under old keys in each of "
+                                  f"{MAX_FINAL_PASSES} passes (an application writes with a "
+                                  "stale key ring)" if after_handover else "too many passes")
+
+    def _stuck(self, legacy: bool, why: str) -> RotationStuck:
+        active = self.ring.active_version
+        for layout in self.layouts:
+            for heap in layout.heaps:
+                row_id = self.store.example_stale(self.conn, layout, heap, active, legacy)
+                if row_id is not None:
+                    triggers = heap.before_update_triggers
+                    hint = (f"; BEFORE UPDATE triggers on it: {', '.join(triggers)} (one that "
+                            "returns NULL suppresses the rotation's UPDATE)") if triggers else ""
+                    return RotationStuck(f"rotation to DEK v{active} is stuck: {why}, e.g. "
+                                         f"row {row_id!r} of {heap.display}{hint}")
+        return RotationStuck(f"rotation to DEK v{active} is stuck: {why}")
+
+    # -- the handover --------------------------------------------------------------------
+    def _handover(self) -> dict[str, Any]:
+        """Wait until ``grace`` has passed since the key's announcement, then for every
+        transaction in flight at that moment to end (bounded by ``handover_timeout``).
+
+        After it, a row under an old key can come only from a writer that held a
+        ciphertext made before its ring saw the new key for longer than the grace; the
+        final passes and the sweeps take care of those.
+        """
+        claim = self.claim
+        assert claim is not None
+        row = self.conn.execute("SELECT extract(epoch FROM clock_timestamp() - %s)::float8",
+                                (claim.announced,)).fetchone()
+        elapsed = float(row[0]) if row else 0.0
+        waited = max(0.0, self.options.grace - elapsed)
+        self.sleep(waited)
+        xips = [r[0] for r in self.conn.execute(
+            "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x").fetchall()]
+        open_now = len(xips)
+        deadline = time.monotonic() + self.options.handover_timeout
+        started = time.monotonic()
+        while xips and open_now:
+            left = self.conn.execute(
+                "SELECT count(*) FROM unnest(%s::xid8[]) AS x "
+                "WHERE pg_xact_status(x) = 'in progress'", (xips,)).fetchone()
+            open_now = int(left[0]) if left else 0
+            if not open_now or time.monotonic() >= deadline:
+                break
+            self.sleep(0.05)
+        report = {"graceSeconds": round(waited, 3), "transactions": len(xips),
+                  "waitedSeconds": round(time.monotonic() - started, 3),
+                  "timedOut": bool(open_now), "stillOpen": open_now}
+        if open_now:
+            log.warning("%d transactions open since before the handover are still running "
+                        "after %ss; finishing without them: rows they commit under an old key "
+                        "are swept", open_now, self.options.handover_timeout)
+        with self.conn.transaction():
+            self.store.add_report(self.conn, claim.record_id, {"handover": report})
+        return report
+
+    # -- atomic --------------------------------------------------------------------------
+    def _atomic(self) -> tuple[int, ...]:
+        """Every row in one transaction with the targets locked against writes (readers go
+        on).  ``lock_timeout`` bounds the wait for the lock, so a long transaction makes the
+        rotation retry instead of queueing every application writer behind it."""
+        claim = self.claim
+        assert claim is not None
+        self.checkpoint()
+        self._check_lock_privilege()
+        with self.conn.transaction():
+            for layout in self.layouts:  # the parent's lock covers partitions and children
+                self.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                    layout.ident))
+            self.store.check_fence(self.conn, claim.record_id, claim.fence, claim.to_version,
+                                   exclusive=True)
+
+            def on_batch(moved: int, legacy_moved: int, read: int) -> None:
+                self.counter.done += moved
+                self.counter.legacy += legacy_moved
+
+            for layout in self.layouts:
+                for i in range(len(layout.heaps)):
+                    work = self._work(layout, i, True, fenced=False)
+                    pl = mover.plan(self.conn, work)
+                    batch = mover.BatchMover(work, self.ring, self.store)
+                    for lo, hi in pl.ranges():
+                        batch.move_range(self.conn, pl, lo, hi, own_tx=False,
+                                         on_batch=on_batch)
+            left = self.store.count_stale(self.conn, self.layouts, claim.to_version,
+                                          legacy=True)
+            if left:
+                raise self._stuck(True, f"{left} rows were not updated inside the locked "
+                                        "transaction")
+            self.store.add_progress(self.conn, claim.record_id, self.counter.done)
+            faults.point("before-finish")
+            retired = self._retire_and_finish()
+        self.report(force=True)
+        return retired
+
+    def _check_lock_privilege(self) -> None:
+        """``LOCK TABLE`` in any mode that blocks writers needs table-level UPDATE (column
+        grants do not count), on the target and every partition or child it recurses to."""
+        for layout in self.layouts:
+            oids = [layout.oid, *[h.oid for h in layout.heaps]]
+            row = self.conn.execute(
+                "SELECT n.nspname || '.' || c.relname, current_user FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(%s) "
+                "AND NOT has_table_privilege(c.oid, 'UPDATE') LIMIT 1", (oids,)).fetchone()
+            if row is not None:
+                raise DatabaseForbidden(
+                    f"Atomic mode locks {layout.display} against writes, which PostgreSQL "
+                    f"allows only with table-level UPDATE: GRANT UPDATE ON {row[0]} TO "
+                    f"{row[1]}, or use Online mode (column grants suffice)")
+
+    # -- finishing -----------------------------------------------------------------------
+    def _finish(self, *, legacy: bool) -> tuple[int, ...]:
+        claim = self.claim
+        assert claim is not None
+        with self.conn.transaction():
+            self.store.check_fence(self.conn, claim.record_id, claim.fence, claim.to_version,
+                                   exclusive=True)
+            faults.point("before-finish")
+            return self._retire_and_finish()
+
+    def _retire_and_finish(self) -> tuple[int, ...]:
+        claim = self.claim
+        assert claim is not None
+        retired = tuple(self.store.retire_retiring(self.conn, self.e.actor)) \
+            if claim.kind != "sweep" else ()
+        self.store.finish_record(self.conn, claim.record_id,
+                                 {"legacyMigrated": self.counter.legacy})
+        event = "rows_swept" if claim.kind == "sweep" else "rotation_finished"
+        audit.append(self.conn, self.e.cfg, event, key_version=claim.to_version,
+                     actor=self.e.actor, detail={"policy_version": claim.requested,
+                                                 "kind": claim.kind,
+                                                 "re_encrypted": self.counter.done,
+                                                 "legacy_migrated": self.counter.legacy,
+                                                 "retired": list(retired)})
+        return retired
+
+    def _after(self) -> int:
+        """Rows committed under a retired key while the final count ran: swept now, in a
+        sweep of their own (recorded and audited like any other)."""
+        left = self.store.count_stale(self.conn, self.layouts, self.ring.active_version,
+                                      legacy=False)
+        if not left:
+            return 0
+        log.warning("%d rows arrived under a retired key as the rotation finished; sweeping",
+                    left)
+        done_before = self.counter.done
+        with self.conn.transaction():
+            claim = self._claim_sweep()
+        self.claim = dataclasses.replace(claim, announced=self.store.announce(
+            self.conn, claim.record_id, claim.fence))
+        self._passes(legacy=False, after_handover=True)
+        self._finish(legacy=False)
+        return self.counter.done - done_before
+
+    # -- plumbing ------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Between batches: stop if the lock was lost or the caller asks (pause, delete)."""
+        self.lock.check()
+        if self._control is not None:
+            self._control()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, still checking the lock and the caller's control every 0.2 s."""
+        end = time.monotonic() + seconds
+        while True:
+            self.checkpoint()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.2, left))
+
+    def report(self, *, force: bool = False) -> None:
+        if self._progress is not None:
+            self._progress(self.counter.done, max(self.counter.total, self.counter.done))
+
+    def _record_failure(self, exc: RotationOperatorError) -> None:
+        claim = self.claim
         try:
-            with conn.transaction():
-                audit.append(conn, self.cfg, "rotation_failed", actor=self.actor,
-                             detail={"policy_version": requested, "reason": exc.reason,
-                                     "message": str(exc)})
-        except psycopg.Error:
+            with self.conn.transaction():
+                audit.append(self.conn, self.e.cfg, "rotation_failed", actor=self.e.actor,
+                             detail={"policy_version": claim.requested if claim else None,
+                                     "reason": exc.reason, "message": str(exc)})
+        except RotationOperatorError:
+            raise
+        except Exception:
             log.warning("could not record the failed rotation in the audit log")
 
-    def _sizes(self, conn: Conn) -> dict[str, int]:
-        return {t.name: self.store.table_size(conn, t) for t in self.cfg.targets}
 
-    def _vacuum(self, before: dict[str, int]) -> dict[str, tuple[int, int]]:
-        """VACUUM (ANALYZE) each target: every row was rewritten, so half the heap is dead."""
-        with db_errors(), connect(self.dsn, autocommit=True) as conn:
-            for target in self.cfg.targets:
-                conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(
-                    ident(target.schema, target.table)))
-            after = self._sizes(conn)
-        return {name: (before[name], after[name]) for name in before}
+def _nothing(request: Request, options: RotationOptions, state: State, decision: Decision
+             ) -> RotationResult:
+    return RotationResult(request.version, False, False, options.mode, state.active,
+                          state.active, decision, request.kind)
 
+
+def _replace(result: RotationResult, **changes: Any) -> RotationResult:
+    return dataclasses.replace(result, **changes)
+
+
+def _sizes(conn: Conn, layouts: Iterable[Layout]) -> dict[str, int]:
+    out = {}
+    for layout in layouts:
+        row = conn.execute("SELECT coalesce(sum(pg_total_relation_size(x)), 0) "
+                           "FROM unnest(%s::oid[]) AS x", ([h.oid for h in layout.heaps],)
+                           ).fetchone()
+        out[layout.target.name] = int(row[0]) if row else 0
+    return out

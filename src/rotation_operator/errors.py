@@ -131,3 +131,141 @@ class AuditChainError(RotationOperatorError):
     """The audit log's hash chain is broken: a row was altered, removed or inserted."""
 
     reason = "AuditChainBroken"
+
+
+class NotInitialised(SchemaError):
+    """The keys table does not exist yet (nothing was initialised in this database)."""
+
+    reason = "NotInitialised"
+
+
+class TargetUnsupported(SchemaError):
+    """A target is of a kind the engine refuses (a view, a foreign table, an UPDATE rule,
+    row-level security that hides rows from the operator's role)."""
+
+    reason = "TargetUnsupported"
+
+
+class RowSecurityError(TargetUnsupported):
+    """Row-level security on a target would hide rows from the rotation."""
+
+    reason = "RowLevelSecurity"
+
+
+class KeysTableShared(ConfigError):
+    """The keys table already serves other targets (another application's policy)."""
+
+    reason = "KeysTableShared"
+    retryable = True  # fixing either policy heals it
+    retry_delay = 60.0
+
+
+class ServerUnsupported(ConfigError):
+    """The PostgreSQL server is too old (TID range scans need 14 or later)."""
+
+    reason = "DatabaseVersionUnsupported"
+
+
+# -- the rotation stopped before it finished ------------------------------------------------
+class RotationStopped(RotationOperatorError):
+    """A rotation stopped cleanly between batches; it resumes on the next attempt."""
+
+    reason = "RotationStopped"
+    retryable = True
+    retry_delay = 5.0
+
+
+class RotationPaused(RotationStopped):
+    """``spec.rotation.paused`` is set: stopped between batches, resumed when cleared."""
+
+    reason = "Paused"
+    retryable = False
+
+
+class RotationCancelled(RotationStopped):
+    """The policy was deleted while its rotation ran: stopped between batches."""
+
+    reason = "Cancelled"
+    retryable = False
+
+
+class Superseded(RotationStopped):
+    """Fenced: another rotator took this rotation over, or its key is no longer active."""
+
+    reason = "RotationSuperseded"
+
+
+class LockLost(RotationStopped):
+    """The session holding the rotation lock died (idle timeout, network drop,
+    ``pg_terminate_backend``): stopped before another rotator could interleave."""
+
+    reason = "LockLost"
+
+
+class RotationStuck(RotationOperatorError):
+    """A pass moved nothing while rows remain (a trigger suppressing the UPDATE, rows the
+    role cannot update): stopped instead of looping."""
+
+    reason = "RotationStuck"
+    retryable = True  # once the trigger or grant is fixed it goes on
+    retry_delay = 120.0
+
+
+class TriggerInterference(RotationOperatorError):
+    """A row trigger changed what the rotation wrote: the batch was rolled back."""
+
+    reason = "TriggerChangedRow"
+    retryable = True
+    retry_delay = 120.0
+
+
+# -- failures outside the package, translated at one place ----------------------------------
+class DatabaseError(RotationOperatorError):
+    """PostgreSQL refused a statement; the message is sanitized (no DETAIL, no values)."""
+
+    reason = "DatabaseError"
+    retryable = True
+    retry_delay = 30.0
+
+
+class DatabaseForbidden(DatabaseError):
+    """The operator's database role lacks a privilege (the message names it)."""
+
+    reason = "DatabasePermissionDenied"
+    retry_delay = 60.0
+
+
+class LockTimeout(DatabaseError):
+    """A lock was not granted within ``lock_timeout`` (a long transaction holds it)."""
+
+    reason = "LockTimeout"
+    retry_delay = 10.0
+
+
+class StatementTimeout(DatabaseError):
+    """A statement ran longer than ``statement_timeout``."""
+
+    reason = "StatementTimeout"
+
+
+class DatabaseRejected(DatabaseError):
+    """A constraint or a trigger on the target rejected the rotation's write."""
+
+    reason = "DatabaseRejected"
+    retry_delay = 60.0
+
+
+class KubernetesUnavailable(RotationOperatorError):
+    """The Kubernetes API did not answer (timeout, connection refused, HTTP 5xx)."""
+
+    reason = "KubernetesUnavailable"
+    retryable = True
+    retry_delay = 10.0
+
+
+class InternalError(RotationOperatorError):
+    """A bug: an exception nobody expected.  Only its type is reported."""
+
+    reason = "InternalError"
+    retryable = True
+    retry_delay = 60.0

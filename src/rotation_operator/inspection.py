@@ -1,7 +1,9 @@
 """Read-only views of a keys table: the status snapshot and the full ``verify``.
 
 Separate from the engine because both are safe at any time (no lock, no writes) and the
-operator refreshes the snapshot on a timer while applications write.
+operator refreshes the snapshot on a timer while applications write.  Both check the
+targets first (a missing table or column is a ``TargetInvalid`` error, not a traceback) and
+say so when the keys table does not exist.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from psycopg import sql
 
 from . import audit
 from .config import StoreConfig
-from .errors import InvalidToken, UnknownKeyError
-from .keystore import KeyStore, RotationRecord, connect, db_errors, ident
+from .database import Conn, connect, db_errors
+from .errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
+from .keystore import KeyRecord, KeyStore, RotationRecord
+from .tables import Layout, inspect
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,11 @@ class KeyStatus:
 @dataclass(frozen=True)
 class TargetCounts:
     table: str
+    kind: str
     rows: int
     legacy: int
     stale: int
+    retired: int  # rows under a retired key (or a retiring one with no rotation running)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Snapshot:
     targets: list[TargetCounts]
     last_rotation: RotationRecord | None
     running: RotationRecord | None
+    last_sweep: RotationRecord | None = None
     audit_events: int = 0
 
     @property
@@ -58,6 +65,11 @@ class Snapshot:
     def stale_count(self) -> int:
         return sum(t.stale for t in self.targets)
 
+    @property
+    def retired_count(self) -> int:
+        """Rows under a retired key: what invariant 4 forbids once a rotation is done."""
+        return sum(t.retired for t in self.targets)
+
     def summary(self) -> dict[str, Any]:
         """The camelCase fields shared by the CR's status and ``status -o json``."""
         return {
@@ -66,10 +78,14 @@ class Snapshot:
             "secretCount": self.secret_count,
             "legacyCount": self.legacy_count,
             "staleCount": self.stale_count,
+            "retiredKeyRows": self.retired_count,
             "auditEvents": self.audit_events,
             "keys": [{"version": k.version, "state": k.state, "createdAt": rfc3339(k.created_at),
                       "retiredAt": rfc3339(k.retired_at), "rotatedBy": k.rotated_by,
                       "rows": k.rows} for k in self.keys],
+            "sweep": None if self.last_sweep is None else {
+                "rows": self.last_sweep.re_encrypted,
+                "finishedAt": rfc3339(self.last_sweep.finished_at)},
         }
 
 
@@ -78,35 +94,61 @@ def rfc3339(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
+def _layouts(conn: Conn, store: KeyStore) -> list[Layout]:
+    """Targets checked for reading, and the keys table found (else :class:`NotInitialised`)."""
+    layouts = [inspect(conn, t, writes=False) for t in store.cfg.targets]
+    if not store.exists(conn):
+        raise NotInitialised(f"keys table {store.cfg.qualified_keys} does not exist in this "
+                             "database: nothing was initialised here yet (run `init`, or "
+                             "create the EncryptionPolicy)")
+    return layouts
+
+
+def _stale_keys(keys: list[KeyRecord], running: RotationRecord | None) -> set[int]:
+    """Key versions no row may stay under: retired ones, and retiring ones when no rotation
+    is moving rows off them."""
+    return {k.version for k in keys
+            if k.state == "retired" or (k.state == "retiring" and running is None)}
+
+
 def snapshot(dsn: str, cfg: StoreConfig) -> Snapshot:
     """Keys with row counts, totals, the last and any running rotation (no KEK needed)."""
     store = KeyStore(cfg)
-    with db_errors(), connect(dsn) as conn, conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        keys = store.list_keys(conn)
-        active = next((k.version for k in keys if k.state == "active"), None)
-        per_key: dict[int | None, int] = {}
-        targets = []
-        for target in cfg.targets:
-            counts = store.key_counts(conn, target)
-            for kid, n in counts.items():
-                per_key[kid] = per_key.get(kid, 0) + n
-            rows = sum(counts.values())
-            targets.append(TargetCounts(target.name, rows, counts.get(None, 0),
-                                        rows - counts.get(active, 0) if active else rows))
-        records = store.rotation_records(conn)
-        events = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-            audit.table(cfg))).fetchone()
-    finished = [r for r in records if r.phase == "done"]
+    with db_errors(), connect(dsn) as conn:
+        layouts = _layouts(conn, store)
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            keys = store.list_keys(conn)
+            records = store.rotation_records(conn)
+            running = next((r for r in records if r.phase == "running"), None)
+            active = next((k.version for k in keys if k.state == "active"), None)
+            stale_keys = _stale_keys(keys, running)
+            per_key: dict[int | None, int] = {}
+            targets = []
+            for layout in layouts:
+                counts = store.key_counts(conn, layout)
+                for kid, n in counts.items():
+                    per_key[kid] = per_key.get(kid, 0) + n
+                rows = sum(counts.values())
+                targets.append(TargetCounts(
+                    layout.target.name, layout.kind, rows, counts.get(None, 0),
+                    rows - counts.get(active, 0) if active else rows,
+                    sum(n for kid, n in counts.items() if kid in stale_keys)))
+            events = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                audit.table(cfg))).fetchone()
+    finished = [r for r in records if r.phase == "done" and r.kind != "sweep"]
+    sweeps = [r for r in records if r.phase == "done" and r.kind == "sweep"]
     return Snapshot(
         active_version=active,
         served_version=max((r.requested_version for r in records
-                            if r.phase in ("baseline", "done")), default=None),
+                            if r.phase in ("baseline", "done")
+                            and r.requested_version is not None), default=None),
         keys=[KeyStatus(k.version, k.state, k.created_at, k.retired_at, k.rotated_by,
                         per_key.get(k.version, 0)) for k in keys],
         targets=targets,
         last_rotation=finished[-1] if finished else None,
-        running=next((r for r in records if r.phase == "running"), None),
+        running=running,
+        last_sweep=sweeps[-1] if sweeps else None,
         audit_events=int(events[0]) if events else 0,
     )
 
@@ -117,46 +159,60 @@ class VerifyReport:
     legacy: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     per_key: dict[str, int] = field(default_factory=dict)
+    #: Rows under a retired key (or a retiring one while no rotation runs), by key.
+    retired: dict[str, int] = field(default_factory=dict)
     audit_events: int = 0
     audit_head: str = ""
     audit_error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failures and self.audit_error is None
+        return not self.failures and self.audit_error is None and not self.retired
 
 
 def verify(dsn: str, cfg: StoreConfig, kek: bytes, *, max_failures: int = 100) -> VerifyReport:
-    """Decrypt every row of every target and check the audit chain; writes nothing."""
-    from .errors import AuditChainError
-
+    """Decrypt every row of every target, find rows under retired keys, and check the
+    audit chain; writes nothing."""
     store = KeyStore(cfg)
     report = VerifyReport()
-    with db_errors(), connect(dsn) as conn, conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        ring = store.load_ring(conn, kek)
-        for target in cfg.targets:
-            q = sql.SQL("SELECT {id}, {kid}, {val} FROM {t}").format(
-                id=sql.Identifier(target.id_column), kid=sql.Identifier(target.key_id_column),
-                val=sql.Identifier(target.value_column), t=ident(target.schema, target.table))
-            with conn.cursor(name="verify", binary=True) as cur:
-                cur.itersize = 10_000
-                for row_id, key_id, value in cur.execute(q):
-                    report.rows += 1
-                    report.legacy += key_id is None
-                    name = "legacy" if key_id is None else f"v{key_id}"
-                    report.per_key[name] = report.per_key.get(name, 0) + 1
-                    try:
-                        ring.decrypt(value, key_id)
-                    except (InvalidToken, UnknownKeyError):
-                        if len(report.failures) < max_failures:
-                            report.failures.append({"table": target.name, "id": str(row_id),
-                                                    "key_id": key_id})
-                        else:
-                            report.failures[-1]["more"] = True
-        try:
-            chain = audit.verify(conn, cfg)
-            report.audit_events, report.audit_head = chain.events, chain.head
-        except AuditChainError as exc:
-            report.audit_error = str(exc)
+    with db_errors(), connect(dsn) as conn:
+        layouts = _layouts(conn, store)
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            ring = store.load_ring(conn, kek)
+            records = store.rotation_records(conn)
+            stale_keys = _stale_keys(store.list_keys(conn),
+                                     next((r for r in records if r.phase == "running"), None))
+            for layout in layouts:
+                _verify_target(conn, layout, ring.decrypt, stale_keys, report, max_failures)
+            try:
+                chain = audit.verify(conn, cfg)
+                report.audit_events, report.audit_head = chain.events, chain.head
+            except AuditChainError as exc:
+                report.audit_error = str(exc)
     return report
+
+
+def _verify_target(conn: Conn, layout: Layout, decrypt: Any, stale_keys: set[int],
+                   report: VerifyReport, max_failures: int) -> None:
+    t = layout.target
+    q = sql.SQL("SELECT {id}, {kid}, {val} FROM {t}").format(
+        id=sql.Identifier(t.id_column), kid=sql.Identifier(t.key_id_column),
+        val=sql.Identifier(t.value_column), t=layout.ident)
+    with conn.cursor(name="verify", binary=True) as cur:
+        cur.itersize = 500  # large values: bounded memory
+        for row_id, key_id, value in cur.execute(q):
+            report.rows += 1
+            report.legacy += key_id is None
+            name = "legacy" if key_id is None else f"v{key_id}"
+            report.per_key[name] = report.per_key.get(name, 0) + 1
+            if key_id in stale_keys:
+                report.retired[name] = report.retired.get(name, 0) + 1
+            try:
+                decrypt(value, key_id)
+            except (InvalidToken, UnknownKeyError):
+                if len(report.failures) < max_failures:
+                    report.failures.append({"table": t.name, "id": str(row_id),
+                                            "key_id": key_id})
+                else:
+                    report.failures[-1]["more"] = True

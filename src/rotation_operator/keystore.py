@@ -1,92 +1,58 @@
-"""The SQL side of the key store: own tables, keys, rotation records, targets, counts.
+"""The operator's own tables: keys, rotation records, coverage, and counts over targets.
 
-Only this module and :mod:`.audit` write SQL.  Every name from a spec is passed through
-``psycopg.sql.Identifier`` (and was validated by :mod:`.config` before); every value is a
-query parameter.  Functions take an open connection and run in the caller's transaction
-unless they say otherwise, so the engine decides what commits together.
+Tables of one keys table ``K`` (all created and migrated here, idempotently):
+
+* ``K``: one row per DEK (version, wrapped DEK, KEK fingerprint, state).  A partial unique
+  index allows one ``active`` key.
+* ``K_rotations``: one row per rotation or sweep: what asked for it (a policy version, a
+  manual CLI call, a sweep), its phase, its **fence** token and its progress.  Served
+  policy versions are read from here, which makes a bump idempotent; a partial unique
+  index allows one ``running`` rotation.
+* ``K_meta``: the schema version, and which targets this keys table covers and for whom
+  (a second application's policy naming other targets is refused before any write).
+* ``K_audit``: the hash chain (:mod:`.audit`).
+
+Every name from a spec goes through ``psycopg.sql.Identifier`` (and was validated by
+:mod:`.config`); every value is a query parameter.  Functions run in the caller's
+transaction unless they say otherwise, so the engine decides what commits together.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from . import audit, crypto
-from .config import StoreConfig, Target
+from .config import StoreConfig
+from .database import Conn
 from .errors import (
-    DatabaseUnavailable,
     InvalidToken,
     KekMismatchError,
-    LockHeld,
+    KeysTableShared,
     RotationOperatorError,
-    SchemaError,
+    Superseded,
 )
 from .keyring import KeyRing
+from .tables import REGCLASS, Heap, Layout, regclass_arg
 
-Conn = psycopg.Connection[Any]
-SCHEMA_VERSION = 1
-KEY_INT_TYPES = ("smallint", "integer", "bigint")
-#: Transient conflicts a batch simply retries (application transactions hold its rows).
-RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable,
-             psycopg.errors.SerializationFailure)
-
-
-def connect(dsn: str, *, autocommit: bool = True, application_name: str = "rotation-operator"
-            ) -> Conn:
-    """Open a connection (autocommit: callers group writes with ``conn.transaction()``),
-    mapping failures to :class:`DatabaseUnavailable`.
-
-    The DSN is never put in the error: it may hold a password.
-    """
-    try:
-        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10,
-                               application_name=application_name)
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {first_line(exc)}") from None
-    except psycopg.ProgrammingError as exc:  # malformed DSN
-        raise DatabaseUnavailable(f"invalid database DSN: {type(exc).__name__}") from None
+#: Version of the operator's own tables; :meth:`KeyStore.migrate` brings older ones here.
+SCHEMA_VERSION = 2
+#: Rows sampled per target to prove the KEK before key v1 binds the keys table to it.
+LEGACY_SAMPLE = 20
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def ident(schema: str | None, name: str) -> sql.Identifier:
-    return sql.Identifier(schema, name) if schema else sql.Identifier(name)
-
-
-def lock_id(cfg: StoreConfig, purpose: str, qualified: str | None = None) -> int:
-    """A stable 64-bit advisory-lock key for this keys table (``qualified``: its name as
-    resolved by :func:`lock_key`) and purpose."""
-    name = qualified or cfg.qualified_keys
+def lock_id(name: str, purpose: str) -> int:
+    """A stable 64-bit advisory-lock key for the keys table ``name`` (schema-qualified as
+    PostgreSQL resolves it) and purpose."""
     digest = hashlib.sha256(f"rotation-operator:{purpose}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def lock_key(conn: Conn, cfg: StoreConfig, purpose: str) -> int:
-    """:func:`lock_id` of the keys table as PostgreSQL resolves its name.
-
-    ``encryption_keys`` (found through the search_path) and ``public.encryption_keys`` are
-    one table, so they must be one lock: an operator without ``schema`` and a CLI run with
-    ``--schema public`` would otherwise rotate the same keys at once.
-    """
-    if cfg.schema:
-        return lock_id(cfg, purpose)
-    row = conn.execute(
-        "SELECT coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
-        "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(quote_ident(%s))), "
-        "current_schema())", (cfg.keys_table,)).fetchone()
-    schema = row[0] if row else None
-    return lock_id(cfg, purpose, f"{schema}.{cfg.keys_table}" if schema else None)
 
 
 @dataclass(frozen=True)
@@ -103,66 +69,219 @@ class KeyRecord:
 
 @dataclass(frozen=True)
 class RotationRecord:
-    requested_version: int
+    id: int
+    kind: str  # policy | manual | sweep
+    requested_version: int | None  # the policy version served (policy kind only)
     phase: str  # baseline | running | done | superseded
     mode: str | None
     from_version: int | None
     to_version: int
     requested_by: str
     started_at: datetime
+    announced_at: datetime | None
     finished_at: datetime | None
     re_encrypted: int
     total: int
+    fence: int
+    report: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which targets a keys table covers, and which policy (or the CLI) recorded them."""
+
+    owner: str | None
+    targets: tuple[Mapping[str, str], ...]
+
+
+_RECORD_COLUMNS = ("id, kind, requested_version, phase, mode, from_version, to_version, "
+                   "requested_by, started_at, announced_at, finished_at, re_encrypted, total, "
+                   "fence, report")
 
 
 class KeyStore:
-    """The tables of one keys table: keys, rotations, audit."""
+    """The tables of one keys table: keys, rotations, meta, audit."""
 
     def __init__(self, cfg: StoreConfig):
         self.cfg = cfg
-        self.keys = ident(cfg.schema, cfg.keys_table)
-        self.rotations = ident(cfg.schema, cfg.rotations_table)
-        self.one_active = sql.Identifier(f"{cfg.keys_table}_one_active")
+        schema, base = cfg.schema, cfg.keys_table
+        self.keys = _ident(schema, base)
+        self.rotations = _ident(schema, cfg.rotations_table)
+        self.meta = _ident(schema, f"{base}_meta")
+
+    # -- naming and locks ----------------------------------------------------------------
+    def resolved_name(self, conn: Conn) -> str:
+        """``schema.table`` of the keys table as PostgreSQL resolves it (also before it
+        exists: the first schema of the search_path that it would be created in)."""
+        if self.cfg.schema:
+            return self.cfg.qualified_keys
+        row = conn.execute(
+            "SELECT coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(quote_ident(%s))), "
+            "current_schema())", (self.cfg.keys_table,)).fetchone()
+        schema = row[0] if row else None
+        return f"{schema}.{self.cfg.keys_table}" if schema else self.cfg.keys_table
+
+    def lock_key(self, conn: Conn, purpose: str) -> int:
+        """The advisory-lock key of this keys table: ``encryption_keys`` found through the
+        search_path and ``public.encryption_keys`` are one table, hence one lock."""
+        return lock_id(self.resolved_name(conn), purpose)
 
     # -- schema --------------------------------------------------------------------------
+    def exists(self, conn: Conn) -> bool:
+        row = conn.execute(f"SELECT {REGCLASS} IS NOT NULL",
+                           regclass_arg(self.cfg.schema, self.cfg.keys_table)).fetchone()
+        return bool(row and row[0])
+
+    def schema_version(self, conn: Conn) -> int | None:
+        """0 for tables from before versioning, None when there are none at all."""
+        if not self.exists(conn):
+            return None
+        meta = conn.execute(f"SELECT {REGCLASS} IS NOT NULL",
+                            regclass_arg(self.cfg.schema, f"{self.cfg.keys_table}_meta")
+                            ).fetchone()
+        if not meta or not meta[0]:
+            return 1
+        row = conn.execute(sql.SQL("SELECT schema_version FROM {}").format(self.meta)
+                           ).fetchone()
+        return int(row[0]) if row else 1
+
     def migrate(self, conn: Conn) -> None:
-        """Create or upgrade the operator's own tables; idempotent, safe concurrently."""
+        """Create or upgrade the operator's own tables; idempotent, safe concurrently.
+
+        Fresh tables are created in their first shape and then migrated like old ones, so
+        there is one path for both.  Nothing is created or locked when the schema is
+        current (a reconcile then needs no CREATE privilege at all).
+        """
+        if self.schema_version(conn) == SCHEMA_VERSION:
+            return
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                         (lock_key(conn, self.cfg, "migrate"),))
-            if self.cfg.schema:
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                    sql.Identifier(self.cfg.schema)))
-            conn.execute(sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {keys} (
-                    version integer PRIMARY KEY CHECK (version > 0),
-                    wrapped_dek bytea NOT NULL,
-                    kek_fingerprint text NOT NULL,
-                    state text NOT NULL CHECK (state IN ('active', 'retiring', 'retired')),
-                    active boolean GENERATED ALWAYS AS (state = 'active') STORED,
-                    rotated_by text NOT NULL,
-                    policy_version bigint,
-                    created_at timestamptz NOT NULL DEFAULT now(),
-                    retired_at timestamptz
-                )""").format(keys=self.keys))
-            conn.execute(sql.SQL(
-                "CREATE UNIQUE INDEX IF NOT EXISTS {idx} ON {keys} (active) WHERE active"
-            ).format(idx=self.one_active, keys=self.keys))
-            conn.execute(sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {rot} (
-                    requested_version bigint PRIMARY KEY,
-                    phase text NOT NULL
-                        CHECK (phase IN ('baseline', 'running', 'done', 'superseded')),
-                    mode text,
-                    from_version integer,
-                    to_version integer NOT NULL,
-                    requested_by text NOT NULL,
-                    started_at timestamptz NOT NULL DEFAULT now(),
-                    finished_at timestamptz,
-                    re_encrypted bigint NOT NULL DEFAULT 0,
-                    total bigint NOT NULL DEFAULT 0
-                )""").format(rot=self.rotations))
-            conn.execute(audit.create_sql(self.cfg))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key(conn, "migrate"),))
+            version = self.schema_version(conn)
+            if version is None:
+                self._create_v1(conn)
+                version = 1
+            if version < 2:
+                self._migrate_v2(conn)
+            conn.execute(sql.SQL("UPDATE {} SET schema_version = %s, updated_at = now()"
+                                 ).format(self.meta), (SCHEMA_VERSION,))
+
+    def _create_v1(self, conn: Conn) -> None:
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+        # exists; a least-privilege role is usually given a schema, not that.
+        if self.cfg.schema and conn.execute("SELECT to_regnamespace(quote_ident(%s)) IS NULL",
+                                            (self.cfg.schema,)).fetchone() == (True,):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.cfg.schema)))
+        conn.execute(sql.SQL(
+            """CREATE TABLE {keys} (
+                version integer PRIMARY KEY CHECK (version > 0),
+                wrapped_dek bytea NOT NULL,
+                kek_fingerprint text NOT NULL,
+                state text NOT NULL CHECK (state IN ('active', 'retiring', 'retired')),
+                active boolean GENERATED ALWAYS AS (state = 'active') STORED,
+                rotated_by text NOT NULL,
+                policy_version bigint,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                retired_at timestamptz
+            )""").format(keys=self.keys))
+        conn.execute(sql.SQL("CREATE UNIQUE INDEX {idx} ON {keys} (active) WHERE active").format(
+            idx=sql.Identifier(f"{self.cfg.keys_table}_one_active"), keys=self.keys))
+        conn.execute(sql.SQL(
+            """CREATE TABLE {rot} (
+                requested_version bigint PRIMARY KEY,
+                phase text NOT NULL
+                    CHECK (phase IN ('baseline', 'running', 'done', 'superseded')),
+                mode text,
+                from_version integer,
+                to_version integer NOT NULL,
+                requested_by text NOT NULL,
+                started_at timestamptz NOT NULL DEFAULT now(),
+                finished_at timestamptz,
+                re_encrypted bigint NOT NULL DEFAULT 0,
+                total bigint NOT NULL DEFAULT 0
+            )""").format(rot=self.rotations))
+        conn.execute(audit.create_sql(self.cfg))
+
+    def _migrate_v2(self, conn: Conn) -> None:
+        """Rotation records keyed by an id (manual rotations and sweeps serve no policy
+        version), fences, at most one running rotation; the meta table."""
+        base = self.cfg.keys_table
+        conn.execute(sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {meta} (
+                singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                schema_version integer NOT NULL,
+                owner text,
+                targets jsonb,
+                updated_at timestamptz NOT NULL DEFAULT now()
+            )""").format(meta=self.meta))
+        conn.execute(sql.SQL("INSERT INTO {} (schema_version) VALUES (1) ON CONFLICT DO NOTHING"
+                             ).format(self.meta))
+        pkey = conn.execute(
+            "SELECT conname FROM pg_constraint WHERE contype = 'p' AND conrelid = "
+            f"{REGCLASS}", regclass_arg(self.cfg.schema, self.cfg.rotations_table)).fetchone()
+        rot = self.rotations
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN id bigint GENERATED BY DEFAULT AS "
+                             "IDENTITY").format(rot))
+        if pkey:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                rot, sql.Identifier(pkey[0])))
+        for statement in (
+                "ALTER TABLE {} ADD PRIMARY KEY (id)",
+                "ALTER TABLE {} ALTER COLUMN requested_version DROP NOT NULL",
+                "ALTER TABLE {} ADD COLUMN kind text NOT NULL DEFAULT 'policy' "
+                "CHECK (kind IN ('policy', 'manual', 'sweep'))",
+                "ALTER TABLE {} ADD COLUMN fence bigint NOT NULL DEFAULT 0",
+                "ALTER TABLE {} ADD COLUMN announced_at timestamptz",
+                "ALTER TABLE {} ADD COLUMN report jsonb NOT NULL DEFAULT '{{}}'::jsonb"):
+            conn.execute(sql.SQL(statement).format(rot))
+        conn.execute(sql.SQL("CREATE UNIQUE INDEX {} ON {} ((true)) WHERE phase = 'running'"
+                             ).format(sql.Identifier(f"{base}_rot_running"), rot))
+        conn.execute(sql.SQL(
+            "CREATE UNIQUE INDEX {} ON {} (requested_version) WHERE requested_version IS NOT "
+            "NULL AND phase <> 'superseded'").format(sql.Identifier(f"{base}_rot_policy"), rot))
+
+    # -- coverage: which targets this keys table serves ----------------------------------
+    def coverage(self, conn: Conn) -> Coverage | None:
+        """The recorded coverage, or None before any is recorded (or before v2 tables)."""
+        if (self.schema_version(conn) or 0) < 2:
+            return None
+        row = conn.execute(sql.SQL("SELECT owner, targets FROM {}").format(self.meta)
+                           ).fetchone()
+        if row is None or row[1] is None:
+            return None
+        return Coverage(row[0], tuple(row[1]))
+
+    def check_coverage(self, conn: Conn, layouts: Sequence[Layout], owner: str | None
+                       ) -> Coverage | None:
+        """Refuse targets that disagree with the recorded ones (read-only).
+
+        The recorded owner (a policy's ``namespace/name``) may change its own targets;
+        anyone else must name exactly the recorded ones.  Returns the coverage to record
+        (None when nothing changes).
+        """
+        mine = tuple(sorted((layout.record() for layout in layouts), key=_target_key))
+        recorded = self.coverage(conn)
+        if recorded is None:
+            return Coverage(owner, mine)
+        if _canonical(recorded.targets) == _canonical(mine):
+            return None if recorded.owner or not owner else Coverage(owner, mine)
+        if owner is not None and owner == recorded.owner:
+            return Coverage(owner, mine)
+        theirs = ", ".join(sorted(f"{t['schema']}.{t['table']}" for t in recorded.targets))
+        ours = ", ".join(sorted(f"{t['schema']}.{t['table']}" for t in mine))
+        who = recorded.owner or "an earlier caller"
+        raise KeysTableShared(
+            f"keys table {self.cfg.qualified_keys} covers {theirs} for {who}; this request "
+            f"names {ours}: give each application its own keysTable, or name the same "
+            "targets")
+
+    def record_coverage(self, conn: Conn, coverage: Coverage, actor: str) -> None:
+        conn.execute(sql.SQL("UPDATE {} SET owner = %s, targets = %s, updated_at = now()"
+                             ).format(self.meta),
+                     (coverage.owner, Jsonb(list(coverage.targets))))
+        audit.append(conn, self.cfg, "coverage_recorded", actor=actor, detail={
+            "owner": coverage.owner,
+            "targets": [f"{t['schema']}.{t['table']}" for t in coverage.targets]})
 
     # -- keys ----------------------------------------------------------------------------
     def list_keys(self, conn: Conn) -> list[KeyRecord]:
@@ -184,6 +303,10 @@ class KeyStore:
                      detail={"policy_version": policy_version})
 
     def mark_active_retiring(self, conn: Conn) -> list[int]:
+        """The active key becomes retiring.  ``FOR UPDATE`` first: batches hold the key row
+        ``FOR KEY SHARE``, which a plain UPDATE would not wait for."""
+        conn.execute(sql.SQL("SELECT version FROM {keys} WHERE state = 'active' FOR UPDATE"
+                             ).format(keys=self.keys))
         rows = conn.execute(sql.SQL(
             "UPDATE {keys} SET state = 'retiring' WHERE state = 'active' RETURNING version"
         ).format(keys=self.keys)).fetchall()
@@ -199,19 +322,18 @@ class KeyStore:
         return versions
 
     def ensure_active_key(self, conn: Conn, kek: bytes, actor: str,
-                          policy_version: int | None = None) -> bool:
+                          policy_version: int | None, layouts: Sequence[Layout]) -> bool:
         """Create key v1 when the table has no key at all; True if it did.
 
         Serialised by a transaction-scoped advisory lock, so two initialisers make one key.
         """
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                         (lock_key(conn, self.cfg, "init"),))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key(conn, "init"),))
             row = conn.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE active) "
                                        "FROM {keys}").format(keys=self.keys)).fetchone()
             total, active = row if row else (0, 0)
             if total == 0:
-                self.check_legacy_kek(conn, kek)
+                check_legacy_kek(conn, kek, layouts)
                 self.insert_key(conn, kek, version=1, actor=actor, policy_version=policy_version)
                 return True
             if active == 0:
@@ -220,43 +342,12 @@ class KeyStore:
                     "it was edited by hand: restore it from backup")
             return False
 
-    def has_keys(self, conn: Conn) -> bool:
-        """Whether the keys table exists and holds at least one key (read-only)."""
-        row = conn.execute(
-            "SELECT to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s) "
-            "ELSE quote_ident(%s) || '.' || quote_ident(%s) END) IS NOT NULL",
-            (self.cfg.schema, self.cfg.keys_table, self.cfg.schema, self.cfg.keys_table)
-        ).fetchone()
-        if not row or not row[0]:
-            return False
-        found = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(self.keys)
-                             ).fetchone()
-        return bool(found and found[0])
-
-    def check_legacy_kek(self, conn: Conn, kek: bytes, sample: int = 3) -> None:
-        """Before key v1 binds the keys table to ``kek``, prove ``kek`` is the one the
-        legacy rows were encrypted with (a few rows per target): fail closed otherwise.
-
-        Without this, a wrong KEK on a database of only legacy rows would mint v1 under the
-        wrong key, and the right KEK would be refused from then on.
-        """
-        for target in self.cfg.targets:
-            q = sql.SQL("SELECT {id}, {val} FROM {t} WHERE {kid} IS NULL LIMIT %s").format(
-                id=sql.Identifier(target.id_column), val=sql.Identifier(target.value_column),
-                kid=sql.Identifier(target.key_id_column), t=ident(target.schema, target.table))
-            for row_id, value in conn.execute(q, (sample,)).fetchall():
-                try:
-                    crypto.decrypt(kek, bytes(value))
-                except InvalidToken:
-                    raise KekMismatchError(
-                        f"the KEK (fingerprint {crypto.kek_fingerprint(kek)}) does not decrypt "
-                        f"legacy row {row_id!r} of table {target.name}; refusing to create "
-                        "DEK v1 under it") from None
-
     def load_ring(self, conn: Conn, kek: bytes) -> KeyRing:
         """Unwrap every stored DEK; fail closed with :class:`KekMismatchError`.
 
         Every key is checked, not only the active one: rows (and backups) may reference any.
+        Messages name only the fingerprint of the KEK presented, never the stored one (a
+        stored fingerprint would let a guessed, low-entropy KEK be checked offline).
         """
         keys = self.list_keys(conn)
         active = [k.version for k in keys if k.state == "active"]
@@ -269,8 +360,8 @@ class KeyStore:
         for k in sorted(keys, key=lambda k: (k.state != "active", -k.version)):
             if k.kek_fingerprint != fingerprint:
                 raise KekMismatchError(
-                    f"the KEK (fingerprint {fingerprint}) does not match the key that wrapped "
-                    f"DEK v{k.version} (fingerprint {k.kek_fingerprint})")
+                    f"the KEK presented (fingerprint {fingerprint}) is not the one that "
+                    f"wrapped DEK v{k.version}")
             try:
                 deks[k.version] = crypto.unwrap_dek(kek, k.wrapped_dek, k.version)
             except InvalidToken:
@@ -281,152 +372,201 @@ class KeyStore:
 
     # -- rotation records ----------------------------------------------------------------
     def rotation_records(self, conn: Conn) -> list[RotationRecord]:
-        rows = conn.execute(sql.SQL(
-            "SELECT requested_version, phase, mode, from_version, to_version, requested_by, "
-            "started_at, finished_at, re_encrypted, total FROM {rot} ORDER BY requested_version"
-        ).format(rot=self.rotations)).fetchall()
+        rows = conn.execute(sql.SQL(f"SELECT {_RECORD_COLUMNS} FROM {{rot}} ORDER BY id"
+                                    ).format(rot=self.rotations)).fetchall()
         return [RotationRecord(*r) for r in rows]
 
-    def served_version(self, conn: Conn) -> int | None:
-        """The highest policy version fully served (baseline or finished rotation)."""
-        row = conn.execute(sql.SQL(
-            "SELECT max(requested_version) FROM {rot} WHERE phase IN ('baseline', 'done')"
-        ).format(rot=self.rotations)).fetchone()
-        return row[0] if row else None
+    def record(self, conn: Conn, record_id: int) -> RotationRecord:
+        row = conn.execute(sql.SQL(f"SELECT {_RECORD_COLUMNS} FROM {{rot}} WHERE id = %s"
+                                   ).format(rot=self.rotations), (record_id,)).fetchone()
+        if row is None:
+            raise Superseded(f"rotation record {record_id} is gone")
+        return RotationRecord(*row)
 
     def record_baseline(self, conn: Conn, policy_version: int, active_version: int,
                         actor: str) -> bool:
-        """Record a fresh policy's version without rotating, if nothing is recorded yet."""
+        """Record a fresh policy's version without rotating, if no policy version is
+        recorded yet (manual rotations and sweeps do not count)."""
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)",
-                         (lock_key(conn, self.cfg, "init"),))
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {rot}").format(
-                rot=self.rotations)).fetchone()
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key(conn, "init"),))
+            row = conn.execute(sql.SQL(
+                "SELECT count(*) FROM {rot} WHERE requested_version IS NOT NULL").format(
+                    rot=self.rotations)).fetchone()
             if row and row[0]:
                 return False
             conn.execute(sql.SQL(
-                "INSERT INTO {rot} (requested_version, phase, to_version, requested_by, "
-                "finished_at) VALUES (%s, 'baseline', %s, %s, now())").format(rot=self.rotations),
-                (policy_version, active_version, actor))
+                "INSERT INTO {rot} (kind, requested_version, phase, to_version, requested_by, "
+                "finished_at) VALUES ('policy', %s, 'baseline', %s, %s, now())").format(
+                    rot=self.rotations), (policy_version, active_version, actor))
             audit.append(conn, self.cfg, "baseline_recorded", key_version=active_version,
                          actor=actor, detail={"policy_version": policy_version})
             return True
 
-    def start_rotation(self, conn: Conn, requested: int, mode: str, from_version: int,
-                       to_version: int, actor: str, total: int) -> None:
-        conn.execute(sql.SQL(
-            "UPDATE {rot} SET phase = 'superseded', finished_at = now() WHERE phase = 'running'"
-        ).format(rot=self.rotations))
-        # A version whose rotation was superseded (a higher one was requested meanwhile)
-        # may be requested again later: its record starts over.
-        conn.execute(sql.SQL(
-            "INSERT INTO {rot} (requested_version, phase, mode, from_version, to_version, "
-            "requested_by, total) VALUES (%s, 'running', %s, %s, %s, %s, %s) "
-            "ON CONFLICT (requested_version) DO UPDATE SET phase = 'running', "
-            "mode = EXCLUDED.mode, from_version = EXCLUDED.from_version, "
-            "to_version = EXCLUDED.to_version, requested_by = EXCLUDED.requested_by, "
-            "started_at = now(), finished_at = NULL, re_encrypted = 0, total = EXCLUDED.total"
-        ).format(rot=self.rotations), (requested, mode, from_version, to_version, actor, total))
+    def claim_new(self, conn: Conn, *, kind: str, requested: int | None, mode: str,
+                  from_version: int | None, to_version: int, actor: str, total: int
+                  ) -> tuple[int, int]:
+        """Record a new running rotation (superseding any other); returns (id, fence).
 
-    def add_progress(self, conn: Conn, requested: int, moved: int) -> None:
+        Fences only grow, across records, so a rotator that read an older one can never
+        mistake a newer claim for its own.  The running record is locked ``FOR UPDATE``
+        first, which waits for the batches in flight (they hold it ``FOR KEY SHARE``).
+        """
+        conn.execute(sql.SQL("SELECT id FROM {rot} WHERE phase = 'running' FOR UPDATE").format(
+            rot=self.rotations))
         conn.execute(sql.SQL(
-            "UPDATE {rot} SET re_encrypted = re_encrypted + %s WHERE requested_version = %s"
-        ).format(rot=self.rotations), (moved, requested))
+            "UPDATE {rot} SET phase = 'superseded', finished_at = now(), fence = fence + 1 "
+            "WHERE phase = 'running'").format(rot=self.rotations))
+        row = conn.execute(sql.SQL(
+            "INSERT INTO {rot} (kind, requested_version, phase, mode, from_version, to_version, "
+            "requested_by, total, fence) SELECT %s, %s, 'running', %s, %s, %s, %s, %s, "
+            "coalesce(max(fence), 0) + 1 FROM {rot} RETURNING id, fence").format(
+                rot=self.rotations),
+            (kind, requested, mode, from_version, to_version, actor, total)).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
 
-    def finish_rotation(self, conn: Conn, requested: int) -> None:
+    def claim_resume(self, conn: Conn, record_id: int, mode: str) -> int:
+        """Take over a running rotation: its fence moves on, so whoever ran it before
+        stops at its next batch.  Waits for that rotator's batch in flight (it holds the
+        record ``FOR KEY SHARE``; only ``FOR UPDATE`` waits for that)."""
+        conn.execute(sql.SQL("SELECT id FROM {rot} WHERE id = %s FOR UPDATE").format(
+            rot=self.rotations), (record_id,))
+        row = conn.execute(sql.SQL(
+            "UPDATE {rot} SET fence = (SELECT max(fence) FROM {rot}) + 1, mode = %s "
+            "WHERE id = %s AND phase = 'running' RETURNING fence").format(rot=self.rotations),
+            (mode, record_id)).fetchone()
+        if row is None:
+            raise Superseded(f"rotation record {record_id} is no longer running")
+        return int(row[0])
+
+    def announce(self, conn: Conn, record_id: int, fence: int) -> datetime:
+        """Stamp when the rotation's key is known committed (the handover's clock)."""
+        row = conn.execute(sql.SQL(
+            "UPDATE {rot} SET announced_at = coalesce(announced_at, clock_timestamp()) "
+            "WHERE id = %s AND fence = %s RETURNING announced_at").format(rot=self.rotations),
+            (record_id, fence)).fetchone()
+        if row is None:
+            raise Superseded(f"rotation {record_id} was taken over by another rotator")
+        announced: datetime = row[0]
+        return announced
+
+    def check_fence(self, conn: Conn, record_id: int, fence: int, key_version: int, *,
+                    exclusive: bool = False) -> None:
+        """Prove, inside the caller's transaction, that this rotation is still the running
+        one and its key still the active one; lock both rows until it commits, so a takeover
+        or a new key waits for this transaction instead of racing it.
+
+        ``FOR KEY SHARE``: batches of several workers hold it at once and still increment
+        the record's progress (a non-key UPDATE does not conflict with it); takeovers and
+        new keys lock ``FOR UPDATE``, which does.
+        """
+        mode = sql.SQL("UPDATE" if exclusive else "KEY SHARE")
+        row = conn.execute(sql.SQL("SELECT phase, fence FROM {rot} WHERE id = %s FOR {mode}"
+                                   ).format(rot=self.rotations, mode=mode),
+                           (record_id,)).fetchone()
+        if row is None or row[0] != "running" or row[1] != fence:
+            why = "it was superseded" if row is not None and row[0] != "running" else \
+                "another rotator took it over"
+            raise Superseded(f"rotation {record_id} stopped: {why}")
+        key = conn.execute(sql.SQL("SELECT state FROM {keys} WHERE version = %s FOR {mode}"
+                                   ).format(keys=self.keys, mode=mode), (key_version,)
+                           ).fetchone()
+        if key is None or key[0] != "active":
+            raise Superseded(f"rotation {record_id} stopped: DEK v{key_version} is no "
+                             "longer the active key")
+
+    def add_progress(self, conn: Conn, record_id: int, moved: int, more_total: int = 0
+                     ) -> None:
+        """Count rows a batch moved, in the batch's own transaction (exact across crashes
+        and workers); ``more_total``: rows found left by a later pass."""
         conn.execute(sql.SQL(
-            "UPDATE {rot} SET phase = 'done', finished_at = now() WHERE requested_version = %s"
-        ).format(rot=self.rotations), (requested,))
+            "UPDATE {rot} SET re_encrypted = re_encrypted + %s, total = total + %s "
+            "WHERE id = %s").format(rot=self.rotations), (moved, more_total, record_id))
 
-    # -- targets -------------------------------------------------------------------------
-    def check_target(self, conn: Conn, target: Target) -> None:
-        """Refuse a target that does not exist or whose columns cannot work, by name."""
-        row = conn.execute(
-            "SELECT to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s) "
-            "ELSE quote_ident(%s) || '.' || quote_ident(%s) END)::oid",
-            (target.schema, target.table, target.schema, target.table)).fetchone()
-        oid = row[0] if row else None
-        if oid is None:
-            raise SchemaError(f"target table {target.name} does not exist")
-        cols = dict(conn.execute(
-            "SELECT attname, atttypid::regtype::text FROM pg_attribute "
-            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,)).fetchall())
-        for col in (target.id_column, target.value_column, target.key_id_column):
-            if col not in cols:
-                raise SchemaError(f"table {target.name} has no column {col}")
-        if cols[target.value_column] != "bytea":
-            raise SchemaError(f"value column {target.name}.{target.value_column} is "
-                              f"{cols[target.value_column]}; it must be bytea")
-        if cols[target.key_id_column] not in KEY_INT_TYPES:
-            raise SchemaError(f"key-id column {target.name}.{target.key_id_column} is "
-                              f"{cols[target.key_id_column]}; it must be an integer type")
-        unique = conn.execute(
-            "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-            "AND a.attnum = i.indkey[0] WHERE i.indrelid = %s AND i.indisunique "
-            "AND i.indnkeyatts = 1 AND a.attname = %s", (oid, target.id_column)).fetchone()
-        if not unique:
-            raise SchemaError(f"id column {target.name}.{target.id_column} needs a unique "
-                              "index (a primary key): rotation walks the table by it")
+    def finish_record(self, conn: Conn, record_id: int, report: Mapping[str, Any]) -> None:
+        conn.execute(sql.SQL(
+            "UPDATE {rot} SET phase = 'done', finished_at = now(), "
+            "total = greatest(total, re_encrypted), report = report || %s WHERE id = %s"
+        ).format(rot=self.rotations), (Jsonb(dict(report)), record_id))
 
-    def key_counts(self, conn: Conn, target: Target) -> dict[int | None, int]:
-        """Rows per key id in one target (``None`` = legacy)."""
+    def add_report(self, conn: Conn, record_id: int, report: Mapping[str, Any]) -> None:
+        conn.execute(sql.SQL("UPDATE {rot} SET report = report || %s WHERE id = %s").format(
+            rot=self.rotations), (Jsonb(dict(report)), record_id))
+
+    # -- counts over targets -------------------------------------------------------------
+    def key_counts(self, conn: Conn, layout: Layout) -> dict[int | None, int]:
+        """Rows per key id in one target, through its parent (``None`` = legacy)."""
+        kid = sql.Identifier(layout.target.key_id_column)
         q = sql.SQL("SELECT {kid}, count(*) FROM {t} GROUP BY {kid}").format(
-            kid=sql.Identifier(target.key_id_column), t=ident(target.schema, target.table))
+            kid=kid, t=layout.ident)
         return {r[0]: r[1] for r in conn.execute(q).fetchall()}
 
-    def count_not_under(self, conn: Conn, target: Target, version: int) -> int:
-        q = sql.SQL("SELECT count(*) FROM {t} WHERE {kid} IS DISTINCT FROM %s").format(
-            kid=sql.Identifier(target.key_id_column), t=ident(target.schema, target.table))
-        row = conn.execute(q, (version,)).fetchone()
-        return int(row[0]) if row else 0
+    def count_stale(self, conn: Conn, layouts: Iterable[Layout], active: int, *,
+                    legacy: bool = True) -> int:
+        """Rows of all targets not under ``active`` (``legacy=False``: under a non-active
+        DEK only)."""
+        total = 0
+        for layout in layouts:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {cond}").format(
+                t=layout.ident, cond=stale_condition(layout, legacy)), {"active": active}
+            ).fetchone()
+            total += int(row[0]) if row else 0
+        return total
 
-    def table_size(self, conn: Conn, target: Target) -> int:
-        row = conn.execute(
-            "SELECT pg_total_relation_size(CASE WHEN %s::text IS NULL THEN quote_ident(%s) "
-            "ELSE quote_ident(%s) || '.' || quote_ident(%s) END::regclass)",
-            (target.schema, target.table, target.schema, target.table)).fetchone()
-        return int(row[0]) if row else 0
+    def example_stale(self, conn: Conn, layout: Layout, heap: Heap, active: int,
+                      legacy: bool) -> object:
+        """The id of one row of ``heap`` not under ``active``, to name it in an error."""
+        row = conn.execute(sql.SQL("SELECT {id} FROM ONLY {h} WHERE {cond} LIMIT 1").format(
+            id=sql.Identifier(layout.target.id_column), h=heap.ident,
+            cond=stale_condition(layout, legacy)), {"active": active}).fetchone()
+        return row[0] if row else None
 
 
-@contextmanager
-def rotation_lock(dsn: str, cfg: StoreConfig, wait: float = 0.0) -> Iterator[Conn]:
-    """Hold the rotation lock of ``cfg``'s keys table on a dedicated session.
+def stale_condition(layout: Layout, legacy: bool) -> sql.Composed:
+    """``key_id`` not the active key (``%(active)s``); legacy rows included if asked."""
+    kid = sql.Identifier(layout.target.key_id_column)
+    if legacy:
+        return sql.SQL("({kid} IS NULL OR {kid} <> %(active)s)").format(kid=kid)
+    return sql.SQL("{kid} <> %(active)s").format(kid=kid)
 
-    A session-level advisory lock: it covers every transaction of a long online rotation
-    and is released by PostgreSQL itself if this process dies (kill -9 included).
-    Raises :class:`LockHeld` if another rotator has it after ``wait`` seconds.
+
+def check_legacy_kek(conn: Conn, kek: bytes, layouts: Sequence[Layout],
+                     sample: int = LEGACY_SAMPLE) -> None:
+    """Before key v1 binds the keys table to ``kek``, prove it is the KEK the legacy rows
+    were encrypted with: one sampled row that decrypts is proof (a corrupt row among the
+    sample is a bad row, reported when the rotation reaches it, not a wrong KEK); none
+    that decrypts fails closed.
+
+    Without this, a wrong KEK on a database of only legacy rows would mint v1 under the
+    wrong key, and the right KEK would be refused from then on.
     """
-    conn = connect(dsn, autocommit=True, application_name="rotation-operator-lock")
-    try:
-        key = lock_key(conn, cfg, "rotate")
-        deadline = time.monotonic() + wait
-        while True:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-            if row and row[0]:
-                break
-            if time.monotonic() >= deadline:
-                raise LockHeld(f"another rotation of {cfg.qualified_keys} is running "
-                               "(advisory lock held)")
-            time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
-        try:
-            yield conn
-        finally:
-            if not conn.closed:
-                # If this fails the session ends below and PostgreSQL releases it anyway.
-                with suppress(psycopg.Error):
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-    finally:
-        conn.close()
+    tried: list[str] = []
+    for layout in layouts:
+        t = layout.target
+        q = sql.SQL("SELECT {id}, {val} FROM {t} WHERE {kid} IS NULL LIMIT %s").format(
+            id=sql.Identifier(t.id_column), val=sql.Identifier(t.value_column),
+            kid=sql.Identifier(t.key_id_column), t=layout.ident)
+        for row_id, value in conn.execute(q, (sample,)).fetchall():
+            try:
+                crypto.decrypt(kek, bytes(value))
+                return
+            except InvalidToken:
+                tried.append(f"{t.name}:{row_id}")
+    if tried:
+        shown = ", ".join(tried[:5]) + (", ..." if len(tried) > 5 else "")
+        raise KekMismatchError(
+            f"the KEK presented (fingerprint {crypto.kek_fingerprint(kek)}) decrypts none of "
+            f"the {len(tried)} legacy rows sampled (legacy row {shown}); refusing to create "
+            "DEK v1 under it")
 
 
-class db_errors:
-    """Map connection-level psycopg failures to :class:`DatabaseUnavailable`."""
+def _ident(schema: str | None, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> Literal[False]:
-        if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, RETRYABLE):
-            raise DatabaseUnavailable(f"database error: {first_line(exc)}") from None
-        return False
+def _target_key(t: Mapping[str, str]) -> tuple[str, str]:
+    return (t["schema"], t["table"])
+
+
+def _canonical(targets: Iterable[Mapping[str, str]]) -> str:
+    return json.dumps(sorted((dict(t) for t in targets), key=_target_key), sort_keys=True)

@@ -21,9 +21,10 @@ from typing import Any
 from psycopg import sql
 
 from .config import KEYS_TABLE, StoreConfig, Target, identifier
+from .database import Conn, connect, db_errors
 from .errors import UnknownKeyError
 from .keyring import KeyRing
-from .keystore import Conn, KeyStore, connect, db_errors
+from .keystore import KeyStore
 
 
 class Encryptor:

@@ -2,29 +2,38 @@
 
 Why batches by *heap block range* rather than by id: a ``ctid`` range is read with a TID
 Range Scan (a plain sequential read of those pages, no index probes), works for any id
-type, and lets disjoint ranges go to separate worker processes with no coordination.
+type, and lets disjoint ranges go to separate worker processes with no coordination.  A
+target's rows may live in several heaps (leaf partitions, inheritance children; see
+:mod:`.tables`): each heap is walked on its own and every statement says ``ONLY``, since
+``ctid`` and ``xmin`` are unique only within one heap.
 
 One batch, inside one transaction::
 
-    SELECT tidsend(ctid), key_id, value, xidsend(xmin) FROM t
+    -- the fence: this rotation is still the running one, its key still the active one
+    SELECT phase, fence FROM K_rotations WHERE id = <rotation> FOR KEY SHARE
+    SELECT state FROM K WHERE version = <active> FOR KEY SHARE
+    SELECT tidsend(ctid), key_id, value, xidsend(xmin) FROM ONLY heap
      WHERE ctid >= '(lo,0)' AND ctid < '(hi,0)' AND key_id IS DISTINCT FROM <active>
     -- decrypt (GCM authenticates every row) and re-encrypt under the active DEK in Python
-    UPDATE t SET value = u.v, key_id = <active>
-      FROM unnest(<ctids>, <values>, <xmins>) u(c, v, x) WHERE t.ctid = u.c AND t.xmin = u.x
+    UPDATE ONLY heap SET value = u.v, key_id = <active>
+      FROM unnest(<ctids>, <values>, <xmins>) u(c, v, x) WHERE heap.ctid = u.c AND heap.xmin = u.x
+    UPDATE K_rotations SET re_encrypted = re_encrypted + <moved> WHERE id = <rotation>
 
 The ``ctid`` match is also the optimistic concurrency check, without ``FOR UPDATE``'s extra
 tuple-lock writes: any application UPDATE of a row gives it a new ctid, so a row changed
 between our SELECT and UPDATE is simply not matched (PostgreSQL re-checks the condition on
-the newest row version) and is picked up by a later pass.  The transaction's own lock on the
-table keeps VACUUM FULL / CLUSTER from renumbering tuples in between.  Rows our UPDATE moves
-to later pages are under the active key already and are skipped.
+the newest row version) and is picked up by a later pass.  The ``xmin`` match (the inserting
+transaction of the exact version we read) keeps a slot freed by VACUUM and reused by another
+row from receiving this row's value (tests/db/test_engine_races.py).
 
-``ctid`` alone names a *slot*, not a row version: if VACUUM freed the slot of a row the
-application deleted in between, another row's new version could take it, and a ctid-only
-UPDATE would write the deleted row's plaintext into that other row.  Today the SELECT's
-portal holds back the xmin horizon until the UPDATE, so VACUUM cannot free the slot; the
-``xmin`` match (the inserting transaction of the exact version we read) makes that safe by
-construction rather than by a protocol detail (tests/db/test_engine_races.py).
+The fence rows are locked ``FOR KEY SHARE`` until the batch commits: a rotator that takes
+the rotation over, or mints a newer key, locks them ``FOR UPDATE`` and so waits for the batch
+in flight, and every later batch of the old rotator sees it has been fenced off.  (Workers'
+progress increments do not conflict with each other's ``KEY SHARE``.)
+
+Memory: a batch is bounded by rows *and* bytes.  Where one block range would hold more
+value bytes than ``max_batch_bytes`` (large, TOASTed values pack many rows per block), the
+range is read in ``ORDER BY ctid LIMIT n`` slices, ``n`` adapting to the bytes seen.
 """
 
 from __future__ import annotations
@@ -46,15 +55,17 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from . import errors, faults
-from .config import StoreConfig, Target
-from .errors import DatabaseUnavailable, RowDecryptError
+from .config import StoreConfig
+from .database import RETRYABLE, Conn, Timeouts, connect, db_errors, translate
+from .errors import DatabaseUnavailable, RowDecryptError, TriggerInterference
 from .keyring import BadRow, KeyRing
-from .keystore import RETRYABLE, Conn, KeyStore, connect, db_errors, ident
+from .keystore import KeyStore, stale_condition
+from .tables import Heap, Layout
 
 log = logging.getLogger(__name__)
 BATCH_RETRIES = 5
-#: Called after each committed batch with (rows moved, legacy rows among them).
-BatchFn = Callable[[int, int], None]
+#: Called after each committed batch with (rows moved, legacy rows among them, rows read).
+BatchFn = Callable[[int, int, int], None]
 
 
 class BinaryArray(bytes):
@@ -111,86 +122,23 @@ def register_types(conn: Conn) -> None:
         conn.adapters.register_dumper(kind, dumper)
 
 
-class BatchMover:
-    """The two statements of one batch for one target, built once."""
+@dataclass(frozen=True)
+class Fence:
+    """The rotation a batch works for: checked in every batch transaction."""
 
-    def __init__(self, target: Target, ring: KeyRing):
-        self.target = target
-        self.ring = ring
-        names = {"t": ident(target.schema, target.table),
-                 "id": sql.Identifier(target.id_column),
-                 "val": sql.Identifier(target.value_column),
-                 "kid": sql.Identifier(target.key_id_column)}
-        self.select = sql.SQL(
-            "SELECT tidsend(ctid), {kid}, {val}, xidsend(xmin) FROM {t} "
-            "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid "
-            "AND ({kid} IS NULL OR {kid} <> %(active)s)").format(**names)
-        self.row_id = sql.SQL("SELECT {id} FROM {t} WHERE ctid = %(c)s::tid").format(**names)
-        self.update = sql.SQL(
-            "UPDATE {t} AS r SET {val} = u.v, {kid} = %(active)s "
-            "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
-            "WHERE r.ctid = u.c AND r.xmin = u.x").format(**names)
-
-    def _row_id(self, cur: psycopg.Cursor[Any], ctid: bytes) -> object:
-        """The id of the row at a raw ctid (only to name a bad row in the error)."""
-        block, offset = struct.unpack(">IH", ctid)
-        row = cur.execute(self.row_id, {"c": f"({block},{offset})"}).fetchone()
-        return row[0] if row else f"ctid ({block},{offset})"
-
-    def run(self, conn: Conn, lo: int, hi: int) -> tuple[int, int]:
-        """Move the rows in blocks [lo, hi); returns (moved, legacy moved).
-
-        Raises :class:`RowDecryptError` before writing anything if one row is bad.
-        """
-        active = self.ring.active_version
-        register_types(conn)  # three dict entries: cheaper than remembering it was done
-        with conn.cursor(binary=True) as cur:
-            rows = cur.execute(self.select, {"lo": f"({lo},0)", "hi": f"({hi},0)",
-                                             "active": active}).fetchall()
-            if not rows:
-                return 0, 0
-            ctids, key_ids, olds, xmins = zip(*rows, strict=True)
-            try:
-                values = self.ring.rotate_many(olds, key_ids)
-            except BadRow as bad:
-                raise RowDecryptError(self.target.name, self._row_id(cur, ctids[bad.index]),
-                                      key_ids[bad.index]) from None
-            legacy = key_ids.count(None)
-            cur.execute(self.update, {
-                "active": active,
-                "c": build_array(TidArray, list(ctids), 6),
-                "v": build_array(ByteaArray, values),
-                "x": build_array(XidArray, list(xmins), 4)})
-            moved = cur.rowcount
-        # Rows changed concurrently were skipped; the legacy tally is exact when none was.
-        return moved, legacy if moved == len(rows) else min(legacy, moved)
-
-
-def move_batch(conn: Conn, store: KeyStore, mover: BatchMover, lo: int, hi: int,
-               requested: int | None) -> tuple[int, int]:
-    """One batch in its own transaction (``requested``: also count it in the rotation
-    record), retried on deadlocks with application transactions."""
-    for attempt in range(BATCH_RETRIES):
-        try:
-            with conn.transaction():
-                moved, legacy = mover.run(conn, lo, hi)
-                if moved and requested is not None:
-                    store.add_progress(conn, requested, moved)
-            return moved, legacy
-        except RETRYABLE as exc:
-            log.warning("batch on %s conflicted with an application transaction (%s); "
-                        "retrying", mover.target.name, type(exc).__name__)
-            time.sleep(0.05 * (attempt + 1))
-    raise DatabaseUnavailable(f"batch on {mover.target.name} kept conflicting with "
-                              "application transactions; will retry")
+    record_id: int
+    token: int
+    key_version: int
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How to cut one target's heap into batches."""
+    """How to cut one heap into batches."""
 
     blocks: int
     step: int  # blocks per batch
+    #: Rows per slice when a block range holds more bytes than a batch may (0: no slicing).
+    slice_rows: int = 0
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         """[lo, hi) block ranges covering the heap, ``step`` blocks each."""
@@ -198,27 +146,184 @@ class Plan:
             yield start, min(start + self.step, self.blocks)
 
 
-def plan(conn: Conn, target: Target, batch_size: int) -> Plan:
-    """Heap size in blocks and blocks per batch for about ``batch_size`` rows."""
-    t = ident(target.schema, target.table)
+@dataclass(frozen=True)
+class Work:
+    """Everything a mover needs besides a connection and a ring (picklable for workers)."""
+
+    layout: Layout
+    heap: Heap
+    fence: Fence | None  # None inside an Atomic transaction (the record is locked already)
+    legacy: bool         # also move legacy (NULL) rows
+    batch_size: int
+    max_batch_bytes: int
+
+
+class BatchMover:
+    """The statements of one batch for one heap, built once."""
+
+    def __init__(self, work: Work, ring: KeyRing, store: KeyStore):
+        self.work = work
+        self.ring = ring
+        self.store = store
+        t = work.layout.target
+        names = {"h": work.heap.ident, "id": sql.Identifier(t.id_column),
+                 "val": sql.Identifier(t.value_column), "kid": sql.Identifier(t.key_id_column),
+                 "cond": stale_condition(work.layout, work.legacy)}
+        select = ("SELECT tidsend(ctid), {kid}, {val}, xidsend(xmin) FROM ONLY {h} "
+                  "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}")
+        self.select = sql.SQL(select).format(**names)
+        self.select_slice = sql.SQL(select + " ORDER BY ctid LIMIT %(n)s").format(**names)
+        self.row_id = sql.SQL("SELECT {id} FROM ONLY {h} WHERE ctid = %(c)s::tid").format(**names)
+        update = ("UPDATE ONLY {h} AS r SET {val} = u.v, {kid} = %(active)s "
+                  "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
+                  "WHERE r.ctid = u.c AND r.xmin = u.x")
+        self.update = sql.SQL(update).format(**names)
+        # A BEFORE UPDATE trigger may change or suppress the row: check what was written.
+        self.verified = bool(work.heap.before_update_triggers)
+        self.update_checked = sql.SQL(
+            "WITH w AS (" + update + " RETURNING r.{id} AS id, "
+            "(r.{val} = u.v AND r.{kid} IS NOT DISTINCT FROM %(active)s) AS ok) "
+            "SELECT count(*), count(*) FILTER (WHERE NOT ok), "
+            "(array_agg(id::text) FILTER (WHERE NOT ok))[1] FROM w").format(**names)
+        self._slice = max(1, work.batch_size)
+
+    def _row_id(self, cur: psycopg.Cursor[Any], ctid: bytes) -> object:
+        """The id of the row at a raw ctid (only to name a bad row in the error)."""
+        block, offset = struct.unpack(">IH", ctid)
+        row = cur.execute(self.row_id, {"c": f"({block},{offset})"}).fetchone()
+        return row[0] if row else f"ctid ({block},{offset})"
+
+    def run(self, conn: Conn, lo: str, hi: str, limit: int = 0
+            ) -> tuple[int, int, int, bytes | None]:
+        """Move rows with ``lo <= ctid < hi`` (at most ``limit`` of them, in ctid order,
+        when ``limit``) in the caller's transaction.
+
+        Returns (moved, legacy moved, rows read, ctid of the last row read).  Raises
+        :class:`RowDecryptError` before writing anything if one row is bad.
+        """
+        active = self.ring.active_version
+        register_types(conn)  # three dict entries: cheaper than remembering it was done
+        params: dict[str, Any] = {"lo": lo, "hi": hi, "active": active}
+        with conn.cursor(binary=True) as cur:
+            if limit:
+                params["n"] = limit
+                rows = cur.execute(self.select_slice, params).fetchall()
+            else:
+                rows = cur.execute(self.select, params).fetchall()
+            if not rows:
+                return 0, 0, 0, None
+            ctids, key_ids, olds, xmins = zip(*rows, strict=True)
+            try:
+                values = self.ring.rotate_many(olds, key_ids)
+            except BadRow as bad:
+                raise RowDecryptError(self.work.layout.target.name,
+                                      self._row_id(cur, ctids[bad.index]),
+                                      key_ids[bad.index]) from None
+            legacy = key_ids.count(None)
+            args = {"active": active, "c": build_array(TidArray, list(ctids), 6),
+                    "v": build_array(ByteaArray, values),
+                    "x": build_array(XidArray, list(xmins), 4)}
+            if self.verified:
+                row = cur.execute(self.update_checked, args).fetchone()
+                assert row is not None
+                moved, wrong, example = int(row[0]), int(row[1]), row[2]
+                if wrong:
+                    raise TriggerInterference(
+                        f"a BEFORE UPDATE trigger on {self.work.heap.display} "
+                        f"({', '.join(self.work.heap.before_update_triggers)}) changed what the "
+                        f"rotation wrote to {wrong} rows (e.g. id {example}); nothing of the "
+                        "batch was written: make the trigger leave the value and key-id "
+                        "columns alone")
+            else:
+                cur.execute(self.update, args)
+                moved = cur.rowcount
+            read_bytes = sum(len(v) for v in olds)
+        self._adapt(len(rows), read_bytes)
+        # Rows changed concurrently were skipped; the legacy tally is exact when none was.
+        return moved, legacy if moved == len(rows) else min(legacy, moved), len(rows), ctids[-1]
+
+    def _adapt(self, rows: int, read_bytes: int) -> None:
+        """Size the next slice so it holds about ``max_batch_bytes``."""
+        if rows:
+            per_row = max(1, read_bytes // rows)
+            self._slice = max(1, min(self.work.batch_size,
+                                     self.work.max_batch_bytes // per_row))
+
+    def move_range(self, conn: Conn, plan: Plan, lo: int, hi: int, *, own_tx: bool,
+                   on_batch: BatchFn) -> None:
+        """Move the rows of blocks [lo, hi): one batch, or slices of at most
+        ``max_batch_bytes`` each; ``own_tx``: every batch in its own fenced transaction."""
+        start, end = f"({lo},0)", f"({hi},0)"
+        while True:
+            limit = self._slice if plan.slice_rows else 0
+            if own_tx:
+                moved, legacy, read, last = self._fenced(conn, start, end, limit)
+            else:
+                moved, legacy, read, last = self.run(conn, start, end, limit)
+            if read:
+                on_batch(moved, legacy, read)
+            faults.point("after-batch")
+            if not limit or last is None or read < limit:
+                return
+            block, offset = struct.unpack(">IH", last)
+            start = f"({block},{offset + 1})"
+
+    def _fenced(self, conn: Conn, lo: str, hi: str, limit: int
+                ) -> tuple[int, int, int, bytes | None]:
+        """One batch in its own transaction, fenced, retried on deadlocks with
+        application transactions."""
+        fence = self.work.fence
+        assert fence is not None
+        for attempt in range(BATCH_RETRIES):
+            try:
+                with conn.transaction():
+                    self.store.check_fence(conn, fence.record_id, fence.token,
+                                           fence.key_version)
+                    result = self.run(conn, lo, hi, limit)
+                    if result[0]:
+                        self.store.add_progress(conn, fence.record_id, result[0])
+                    return result
+            except (*RETRYABLE, psycopg.errors.LockNotAvailable) as exc:
+                log.warning("batch on %s conflicted with an application transaction (%s); "
+                            "retrying", self.work.heap.display, type(exc).__name__)
+                time.sleep(0.05 * (attempt + 1))
+        raise DatabaseUnavailable(f"batch on {self.work.heap.display} kept conflicting with "
+                                  "application transactions; will retry")
+
+
+def plan(conn: Conn, work: Work) -> Plan:
+    """Heap size in blocks, blocks per batch for about ``batch_size`` rows and at most
+    ``max_batch_bytes`` of values, and whether block ranges must be sliced."""
+    heap, t = work.heap, work.layout.target
     row = conn.execute(
         "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int, c.reltuples, "
-        "c.relpages FROM pg_class c WHERE c.oid = %s::regclass",
-        (t.as_string(conn),)).fetchone()
+        "c.relpages FROM pg_class c WHERE c.oid = %s", (heap.oid,)).fetchone()
     blocks, reltuples, relpages = (int(row[0]), float(row[1]), int(row[2])) if row else (0, 0, 0)
+    if blocks == 0:
+        return Plan(0, 1)
     if relpages > 0 and reltuples > 0:
         per_block = reltuples / relpages
     else:  # never analysed: count once
-        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t)).fetchone()
+        count = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(heap.ident)
+                             ).fetchone()
         per_block = (count[0] if count else 0) / max(blocks, 1)
-    step = max(1, int(batch_size / max(per_block, 1.0)))
-    return Plan(blocks, step)
+    size = conn.execute(sql.SQL(
+        "SELECT avg(octet_length(v)) FROM (SELECT {val} AS v FROM ONLY {h} LIMIT 2000) s"
+    ).format(val=sql.Identifier(t.value_column), h=heap.ident)).fetchone()
+    row_bytes = float(size[0]) if size and size[0] is not None else 64.0
+    per_block = max(per_block, 1.0)
+    by_rows = work.batch_size / per_block
+    by_bytes = work.max_batch_bytes / (per_block * row_bytes)
+    if by_bytes < 1.0:  # one block holds more than a batch may: slice each block
+        rows = max(1, min(work.batch_size, int(work.max_batch_bytes // row_bytes)))
+        return Plan(blocks, 1, rows)
+    return Plan(blocks, max(1, int(min(by_rows, by_bytes))))
 
 
 # -- parallel workers --------------------------------------------------------------------
-def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: Plan,
-                 workers: int, requested: int, on_batch: BatchFn) -> None:
-    """Move one target's rows with ``workers`` processes sharing one queue of block ranges.
+def run_parallel(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, workers: int,
+                 timeouts: Timeouts, on_batch: BatchFn, between: Callable[[], None]) -> None:
+    """Move one heap's rows with ``workers`` processes sharing one queue of block ranges.
 
     A shared queue, not a fixed split: live rows are rarely spread evenly over the heap
     (after an UPDATE and VACUUM they sit in one half), so each worker takes the next range
@@ -226,7 +331,9 @@ def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: 
     GIL, and each worker's own connection keeps a second PostgreSQL backend busy.  Workers
     are started with ``spawn`` (safe from a threaded operator) and exit if this process
     dies, so no orphan keeps writing after a crash.  The first error stops all of them;
-    every batch is its own transaction, so stopping loses nothing but the batch in flight.
+    every batch is its own fenced transaction, so stopping loses nothing but the batch in
+    flight.  ``between`` runs in this process while the workers work (lock and control
+    checks); whatever it raises stops them.
     """
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
@@ -236,16 +343,16 @@ def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: 
     for _ in range(workers):
         tasks.put(None)
     procs = [ctx.Process(target=_worker, daemon=True, name=f"rotation-worker-{i}",
-                         args=(dsn, cfg, target_index, kek, tasks, requested, os.getpid(),
-                               results))
+                         args=(dsn, cfg, work, kek, pl, timeouts, tasks, os.getpid(), results))
              for i in range(workers)]
     for p in procs:
         p.start()
     running = len(procs)
     try:
         while running:
+            between()
             try:
-                kind, *payload = results.get(timeout=0.5)
+                kind, *payload = results.get(timeout=0.2)
             except queue_mod.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
@@ -254,7 +361,7 @@ def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: 
                         "the rotation resumes on the next attempt") from None
                 continue
             if kind == "batch":
-                on_batch(payload[0], payload[1])
+                on_batch(payload[0], payload[1], payload[2])
             elif kind == "done":
                 running -= 1
             else:
@@ -269,25 +376,29 @@ def run_parallel(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, pl: 
         tasks.close()
 
 
-def _worker(dsn: str, cfg: StoreConfig, target_index: int, kek: bytes, tasks: Any,
-            requested: int, parent: int, results: Any) -> None:
+def _worker(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, timeouts: Timeouts,
+            tasks: Any, parent: int, results: Any) -> None:
     try:
         store = KeyStore(cfg)
-        with db_errors(), connect(dsn, application_name="rotation-operator-worker") as conn:
-            mover = BatchMover(cfg.targets[target_index], store.load_ring(conn, kek))
+        with db_errors(), connect(dsn, application_name="rotation-operator-worker",
+                                  timeouts=timeouts) as conn:
+            mover = BatchMover(work, store.load_ring(conn, kek), store)
+
+            def report(moved: int, legacy: int, read: int) -> None:
+                results.put(("batch", moved, legacy, read))
+
             for a, b in iter(tasks.get, None):
                 if os.getppid() != parent:
                     return  # the rotator died: stop, its lock is gone
-                moved, legacy = move_batch(conn, store, mover, a, b, requested)
-                results.put(("batch", moved, legacy))
-                faults.point("after-batch")
+                mover.move_range(conn, pl, a, b, own_tx=True, on_batch=report)
         results.put(("done",))
     except RowDecryptError as exc:
         results.put(("row", exc.table, exc.row_id, exc.key_version))
     except errors.RotationOperatorError as exc:
         results.put(("error", type(exc).__name__, str(exc)))
     except psycopg.Error as exc:
-        results.put(("error", "DatabaseUnavailable", f"database error: {type(exc).__name__}"))
+        err = translate(exc)
+        results.put(("error", type(err).__name__, str(err)))
 
 
 def _rebuild(kind: str, payload: list[Any]) -> errors.RotationOperatorError:

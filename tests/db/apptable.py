@@ -29,6 +29,7 @@ from rotation_operator.config import RotationOptions, StoreConfig, Target
 from rotation_operator.engine import Engine
 from rotation_operator.keyring import KeyRing
 from rotation_operator.keystore import KeyStore
+from tests.fixtures.roles import APP_ROLE, OPERATOR_ROLE, admin_dsn, app_dsn, grant_target
 
 Plaintexts = dict[Any, bytes]
 #: Text that marks every plaintext so leak checks can also search for the prefix.
@@ -57,17 +58,36 @@ ATOMIC = RotationOptions(mode="Atomic", batch_size=100, vacuum=False)
 
 def create_table(dsn: str, target: Target = DEFAULT_TARGET, *,
                  key_type: str = "integer", id_type: str = "bigint") -> None:
-    """The application's table (and its schema), as its own migration would create it."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    """The application's table (and its schema), as its own migration would create it:
+    owned by the application role, with the documented grants to the operator role."""
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
         if target.schema:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                 sql.Identifier(target.schema)))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.Identifier(target.schema), sql.Identifier(OPERATOR_ROLE)))
         conn.execute(sql.SQL(
             "CREATE TABLE {t} ({id} " + id_type + " PRIMARY KEY, {val} bytea NOT NULL, "
             "{kid} " + key_type + ")").format(
                 t=tname(target), id=sql.Identifier(target.id_column),
                 val=sql.Identifier(target.value_column),
                 kid=sql.Identifier(target.key_id_column)))
+        grant_target(conn, tname(target), target.id_column, target.value_column,
+                     target.key_id_column)
+
+
+def keys_schema(dsn: str, schema: str) -> None:
+    """A schema for the operator's own tables, as a DBA sets it up once (as the superuser:
+    default privileges for another role need it): the operator may create tables in it,
+    and the application may read what it creates."""
+    with psycopg.connect(admin_dsn(dsn), autocommit=True) as conn:
+        names = {"s": sql.Identifier(schema), "op": sql.Identifier(OPERATOR_ROLE),
+                 "app": sql.Identifier(APP_ROLE)}
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {s}").format(**names))
+        conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {s} TO {op}").format(**names))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {s} TO {app}").format(**names))
+        conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {op} IN SCHEMA {s} "
+                             "GRANT SELECT ON TABLES TO {app}").format(**names))
 
 
 def load_ring(dsn: str, cfg: StoreConfig, kek: bytes) -> KeyRing:
@@ -92,7 +112,7 @@ def fill(dsn: str, target: Target, kek: bytes, n: int, *, ring: KeyRing | None =
             rows.append((row_id, value, key_id))
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in (
         target.id_column, target.value_column, target.key_id_column))
-    with psycopg.connect(dsn) as conn, conn.cursor() as cur, cur.copy(
+    with psycopg.connect(app_dsn(dsn)) as conn, conn.cursor() as cur, cur.copy(
             sql.SQL("COPY {} ({}) FROM STDIN").format(tname(target), cols)) as copy:
         for row in rows:
             copy.write_row(row)
@@ -100,11 +120,11 @@ def fill(dsn: str, target: Target, kek: bytes, n: int, *, ring: KeyRing | None =
 
 
 def read_rows(dsn: str, target: Target) -> dict[Any, tuple[bytes, int | None]]:
-    """id -> (stored value, key id), exactly as stored."""
+    """id -> (stored value, key id), exactly as stored (read as the application)."""
     q = sql.SQL("SELECT {id}, {val}, {kid} FROM {t}").format(
         id=sql.Identifier(target.id_column), val=sql.Identifier(target.value_column),
         kid=sql.Identifier(target.key_id_column), t=tname(target))
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(app_dsn(dsn)) as conn:
         return {r[0]: (bytes(r[1]), r[2]) for r in conn.execute(q).fetchall()}
 
 
@@ -179,9 +199,9 @@ def assert_rotated(dsn: str, cfg: StoreConfig, kek: bytes,
 def dump(dsn: str) -> dict[str, Any]:
     """Every relation of the database and every row of every table, with each row's
     ``ctid`` and ``xmin``: equal dumps mean not one tuple was written, not even rewritten
-    with the same content."""
+    with the same content.  Read as the superuser: it must see every table."""
     out: dict[str, Any] = {}
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(admin_dsn(dsn)) as conn:
         rels = conn.execute(
             "SELECT n.nspname, c.relname, c.relkind FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -219,12 +239,24 @@ class App:
     def assert_rotated(self, **kw: Any) -> None:
         assert_rotated(self.dsn, self.cfg, self.kek, self.expected, **kw)
 
+    def allow_atomic(self) -> App:
+        """The extra grant Atomic mode needs (its LOCK TABLE wants table-level UPDATE)."""
+        for target in self.cfg.targets:
+            grant_atomic(self.dsn, target)
+        return self
+
+
+def grant_atomic(dsn: str, target: Target) -> None:
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT UPDATE ON {} TO {}").format(
+            tname(target), sql.Identifier(OPERATOR_ROLE)))
+
 
 def make_app(dsn: str, n: int = 1000, *, targets: Iterable[Target] = (Target("secrets"),),
              keys_table: str = "encryption_keys", schema: str | None = None,
-             legacy_every: int = 4, kek: bytes | None = None) -> App:
+             legacy_every: int = 4, kek: bytes | None = None, atomic: bool = False) -> App:
     """Create the targets, initialise (key v1), fill each with ``n`` rows (a quarter legacy
-    by default)."""
+    by default); ``atomic``: also the grant Atomic mode needs."""
     targets = list(targets)
     for t in targets:
         create_table(dsn, t)
@@ -234,7 +266,7 @@ def make_app(dsn: str, n: int = 1000, *, targets: Iterable[Target] = (Target("se
     ring = app.ring()
     for t in targets:
         app.expected[t] = fill(dsn, t, app.kek, n, ring=ring, legacy_every=legacy_every)
-    return app
+    return app.allow_atomic() if atomic else app
 
 
 # -- the CLI as a subprocess --------------------------------------------------------------

@@ -29,6 +29,7 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
+from tests.fixtures.roles import app_dsn
 
 
 class Gate:
@@ -59,7 +60,7 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
 
 @pytest.mark.parametrize("options", [ONLINE, ATOMIC], ids=["online", "atomic"])
 def test_two_rotators_make_exactly_one_rotation(dsn: str, options: RotationOptions) -> None:
-    app = make_app(dsn, 2000)
+    app = make_app(dsn, 2000, atomic=True)
     gate = Gate()
     first, a = _in_thread(lambda: app.engine(actor="a").rotate(2, options, progress=gate))
     assert gate.entered.wait(30)
@@ -93,7 +94,7 @@ def test_two_rotators_make_exactly_one_rotation(dsn: str, options: RotationOptio
 
 def test_racing_rotators_without_a_gate(dsn: str) -> None:
     """Several threads and two CLI processes ask for the same version at the same time."""
-    app = make_app(dsn, 1500)
+    app = make_app(dsn, 1500, atomic=True)
     barrier = threading.Barrier(3)
 
     def rotate(mode: str) -> RotationResult:
@@ -108,7 +109,8 @@ def test_racing_rotators_without_a_gate(dsn: str) -> None:
     assert sum(r.performed for r in results) == 1
     procs = [run_cli("rotate", "--policy-version", "3", "--wait-lock", "60", dsn=dsn,
                      kek=app.kek) for _ in range(2)]
-    assert all(p.returncode == 0 and "already served" in p.stdout for p in procs)
+    assert all(p.returncode == 0 and "version 3 is served" in p.stdout for p in procs), \
+        [p.stdout + p.stderr for p in procs]
     app.assert_rotated(keys_for_policy=[(3, 1)])
     assert len(keys(dsn, app.cfg)) == 2
 
@@ -188,8 +190,8 @@ def test_writers_during_online_rotation_lose_nothing(dsn: str, workers: int,
     n = 20_000
     app = make_app(dsn, n, legacy_every=10)
     expected = app.expected[app.target]
-    enc = Encryptor(dsn, app.kek, max_age=0.05)
-    writers = [Writer(dsn, enc, i, 3, n, expected) for i in range(3)]
+    enc = Encryptor(app_dsn(dsn), app.kek)  # the library's defaults
+    writers = [Writer(app_dsn(dsn), enc, i, 3, n, expected) for i in range(3)]
     for w in writers:
         w.start()
     time.sleep(0.3)  # writers are at full speed under key v1 before the rotation starts
@@ -228,7 +230,7 @@ def test_writers_during_online_rotation_lose_nothing(dsn: str, workers: int,
 
 def test_library_picks_up_the_new_key_within_max_age(dsn: str) -> None:
     app = make_app(dsn, 200)
-    with Encryptor(dsn, app.kek, max_age=0.2) as enc:
+    with Encryptor(app_dsn(dsn), app.kek, max_age=0.2) as enc:
         assert enc.encrypt(b"x")[1] == 1
         app.engine().rotate(2, ONLINE)
         time.sleep(0.25)
@@ -241,7 +243,8 @@ def test_library_ring_moves_to_the_new_key_before_a_short_rotation_finishes(
     """A short online rotation waits ``grace`` after minting, so an Encryptor that warmed
     its ring just before (max_age 1 s < grace 2 s) writes under the new key afterwards."""
     app = make_app(dsn, 200)
-    with Encryptor(dsn, app.kek, max_age=1.0) as enc, psycopg.connect(dsn) as conn:
+    with Encryptor(app_dsn(dsn), app.kek, max_age=1.0) as enc, \
+            psycopg.connect(app_dsn(dsn)) as conn:
         enc.encrypt(b"warm the ring")
         started = time.monotonic()
         app.engine().rotate(2, RotationOptions(mode="Online", batch_size=100, vacuum=False,
@@ -256,7 +259,7 @@ def test_an_open_transaction_older_than_the_new_key_is_waited_for(dsn: str) -> N
     """A write encrypted under the old key in a transaction that commits during the
     rotation is caught by the last pass: the rotation waits for older transactions."""
     app = make_app(dsn, 200)
-    with Encryptor(dsn, app.kek) as enc, psycopg.connect(dsn) as writer:
+    with Encryptor(app_dsn(dsn), app.kek) as enc, psycopg.connect(app_dsn(dsn)) as writer:
         value, kid = enc.encrypt(b"written under the old key")
         writer.execute("INSERT INTO secrets VALUES (9998, %s, %s)", (value, kid))
         # the transaction stays open while the rotation starts

@@ -187,19 +187,21 @@ def test_corrupted_row_stops_a_parallel_rotation(dsn: str) -> None:
 
 
 def test_corrupted_row_stops_atomic_rotation_with_nothing_written(dsn: str) -> None:
-    app = make_app(dsn, 1000)
+    """Atomic: the key is minted and announced first, then the rows move all or nothing:
+    a bad row leaves every row exactly as it was (same tuples), resumable."""
+    app = make_app(dsn, 1000, atomic=True)
     original = _flip_byte(dsn, 777)
     before = dump(dsn)
     with pytest.raises(RowDecryptError, match="row 777 of table secrets"):
         app.engine().rotate(2, ATOMIC)
     after = dump(dsn)
-    audit_rows = after.pop("public.encryption_keys_audit")
-    assert after == {k: v for k, v in before.items() if k != "public.encryption_keys_audit"}
-    assert len(audit_rows) == len(before["public.encryption_keys_audit"]) + 1
-    assert keys(dsn, app.cfg) == [(1, "active", None)]
+    assert after["public.secrets"] == before["public.secrets"]  # not one tuple written
+    assert keys(dsn, app.cfg) == [(1, "retiring", None), (2, "active", 2)]
+    assert [e for e, _, _ in audit_events(dsn, app.cfg)][-1] == "rotation_failed"
     with psycopg.connect(dsn) as conn:
         conn.execute("UPDATE secrets SET value = %s WHERE id = 777", (original,))
-    assert app.engine().rotate(2, ATOMIC).performed
+    res = app.engine().rotate(2, ATOMIC)
+    assert res.performed and res.resumed
     app.assert_rotated(keys_for_policy=[(2, 1)])
 
 
@@ -237,8 +239,8 @@ def _rotate_cli(app: App, mode: str, fault: str | None = None, *extra: str
 
 @pytest.mark.parametrize(("mode", "fault"), KILL_POINTS, ids=[f"{m}-{f}" for m, f in KILL_POINTS])
 def test_kill_9_then_rerun_is_lossless(dsn: str, mode: str, fault: str) -> None:
-    app = make_app(dsn, 1000)
-    before = dump(dsn)
+    app = make_app(dsn, 1000, atomic=True)
+    before = read_rows(dsn, app.target)
 
     code, out, err = _rotate_cli(app, mode, fault)
     assert code == -9, f"expected SIGKILL at {fault}, got {code}: {out}{err}"
@@ -249,17 +251,18 @@ def test_kill_9_then_rerun_is_lossless(dsn: str, mode: str, fault: str) -> None:
         assert {i: enc.decrypt(v, k) for i, (v, k) in rows.items()} == app.expected[
             app.target]
     if mode == "Atomic" and fault != "before-vacuum":
-        assert dump(dsn) == before, "a killed atomic rotation left traces"
-        assert keys(dsn, app.cfg) == [(1, "active", None)]
+        # Atomic mints and announces the key first; its rows move all or nothing.
+        assert read_rows(dsn, app.target) == before, "a killed atomic transaction left rows"
+        assert keys(dsn, app.cfg) == [(1, "retiring", None), (2, "active", 2)]
     snap = inspection.snapshot(dsn, app.cfg)
     committed = fault == "before-vacuum"
-    assert (snap.running is None) == (mode == "Atomic" or committed)
+    assert (snap.running is None) == committed
     assert (snap.served_version == 2) == committed
 
     code, out, err = _rotate_cli(app, mode)
     assert code == 0, err
-    assert ("already served" in out) == committed
-    assert (", resumed" in out) == (mode == "Online" and not committed)
+    assert ("version 2 is served" in out) == committed
+    assert (", resumed" in out) == (not committed)
     app.assert_rotated(keys_for_policy=[(2, 1)])
     assert keys(dsn, app.cfg) == [(1, "retired", None), (2, "active", 2)]
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
@@ -269,7 +272,7 @@ def test_kill_9_then_rerun_is_lossless(dsn: str, mode: str, fault: str) -> None:
 def test_kill_9_online_then_finish_atomically(dsn: str) -> None:
     """An interrupted online rotation finished by an Atomic rerun of the same version must
     not mint a second key for that version."""
-    app = make_app(dsn, 1000)
+    app = make_app(dsn, 1000, atomic=True)
     code, _, err = _rotate_cli(app, "Online", "after-batch:2")
     assert code == -9, err
     code, out, err = _rotate_cli(app, "Atomic")
@@ -342,21 +345,30 @@ def test_database_unreachable_is_retryable_and_names_no_password(dsn: str) -> No
     assert proc.returncode == 3 and "hunter2" not in proc.stderr + proc.stdout
 
 
-def test_superseded_version_can_be_requested_again(dsn: str) -> None:
-    """Rotation for 6 interrupted, then 5 requested (the CLI allows it): 5 supersedes the
-    interrupted 6, and a later request for 6 is a new rotation, not a crash."""
-    app = make_app(dsn, 500)
+def test_an_interrupted_rotation_is_finished_or_superseded(dsn: str) -> None:
+    """Rotation for 6 interrupted, then 5 requested (the CLI allows it): finishing 6 is
+    the safe answer (5 is then served by 6).  Interrupted 7, then 8 requested: 8 supersedes
+    7 (its rows move once, straight onto 8's key), and 7 is then below what was served."""
+    app = make_app(dsn, 500, atomic=True)
     proc = run_cli("rotate", "--policy-version", "6", "--batch-size", "100", dsn=dsn,
                    kek=app.kek, fault="after-start")
     assert proc.returncode == -9
-    assert app.engine().rotate(5, ONLINE, lock_wait=30).performed
+    res = app.engine().rotate(5, ONLINE, lock_wait=30)
+    assert res.performed and res.resumed and res.requested_version == 6
+    assert not app.engine().rotate(6, ATOMIC).performed
+    proc = run_cli("rotate", "--policy-version", "7", "--batch-size", "100", dsn=dsn,
+                   kek=app.kek, fault="after-batch:2")
+    assert proc.returncode == -9
+    res = app.engine().rotate(8, ATOMIC, lock_wait=30)
+    assert res.performed and not res.resumed and res.to_version == 4
     with psycopg.connect(dsn) as conn:
         phases = {r.requested_version: r.phase
                   for r in app.engine().store.rotation_records(conn)}
-    assert phases == {5: "done", 6: "superseded"}
-    assert app.engine().rotate(6, ATOMIC).performed
-    assert not app.engine().rotate(6, ONLINE).performed
-    app.assert_rotated()
+    assert phases == {6: "done", 7: "superseded", 8: "done"}
+    behind = app.engine().rotate(7, ONLINE)
+    assert not behind.performed and behind.decision is not None
+    assert behind.decision.reason == "VersionBelowServed"
+    app.assert_rotated(keys_for_policy=[(6, 1), (7, 1), (8, 1)])
 
 
 def test_wrong_kek_on_a_fresh_database_of_legacy_rows_creates_nothing(dsn: str) -> None:

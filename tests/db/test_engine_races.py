@@ -18,6 +18,7 @@ from rotation_operator.config import RotationOptions
 from rotation_operator.keyring import KeyRing
 from rotation_operator.library import Encryptor
 from tests.db.apptable import App, make_app, plaintext_for, read_rows
+from tests.fixtures.roles import app_dsn
 
 ONLINE = RotationOptions(mode="Online", batch_size=5000, vacuum=False, grace=0.0)
 
@@ -57,8 +58,8 @@ def _write(app: App, enc: Encryptor, conn: psycopg.Connection[Any], row_id: int)
 def test_application_update_between_select_and_update_is_kept(
         dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     app = make_app(dsn, 200, legacy_every=0)
-    enc = Encryptor(dsn, app.kek, max_age=0)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    enc = Encryptor(app_dsn(dsn), app.kek, max_age=0)
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
         calls = _between_select_and_update(monkeypatch, lambda: _write(app, enc, conn, 10))
         app.engine().rotate(2, ONLINE)
     enc.close()
@@ -74,9 +75,9 @@ def test_reused_line_pointer_is_not_overwritten(dsn: str,
     take A's old ctid if VACUUM succeeded.  The batch must not write A's old plaintext into
     B, and A must stay deleted."""
     app = make_app(dsn, 200, legacy_every=0)
-    enc = Encryptor(dsn, app.kek, max_age=0)
+    enc = Encryptor(app_dsn(dsn), app.kek, max_age=0)
     seen: dict[str, str] = {}
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # the application owns it
         a_ctid = _ctid(conn, 5)
 
         def step() -> None:

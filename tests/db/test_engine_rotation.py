@@ -19,18 +19,21 @@ from tests.db.apptable import (
     create_table,
     decrypt_all,
     fill,
+    grant_atomic,
     keys,
+    keys_schema,
     load_ring,
     make_app,
     read_rows,
     verify_audit,
 )
+from tests.fixtures.roles import admin_dsn, app_dsn
 
 
 @pytest.mark.parametrize("options", [ONLINE, ATOMIC], ids=["online", "atomic"])
 def test_legacy_rows_migrate_and_read_back_identical(dsn: str,
                                                      options: RotationOptions) -> None:
-    app = make_app(dsn, 1000, legacy_every=3)
+    app = make_app(dsn, 1000, legacy_every=3, atomic=options.mode == "Atomic")
     legacy = [i for i, (_, k) in read_rows(dsn, app.target).items() if k is None]
     assert len(legacy) == 333
     before = read_rows(dsn, app.target)
@@ -60,13 +63,14 @@ def test_only_legacy_rows_and_no_init(dsn: str) -> None:
     expected = fill(dsn, Target("secrets"), kek, 500, ring=None)
     cfg = StoreConfig([Target("secrets")])
     res = Engine(dsn, cfg, kek, actor="test").rotate(options=ONLINE)
-    assert res.performed and res.requested_version == 1 and res.legacy_migrated == 500
+    assert res.performed and res.kind == "manual" and res.requested_version is None
+    assert res.legacy_migrated == 500 and res.to_version == 2
     assert decrypt_all(dsn, cfg, kek, Target("secrets")) == expected
     assert all(k == res.to_version for _, k in read_rows(dsn, Target("secrets")).values())
 
 
 def test_rotate_twice_for_the_same_version_rotates_once(dsn: str) -> None:
-    app = make_app(dsn, 300)
+    app = make_app(dsn, 300, atomic=True)
     first = app.engine().rotate(5, ONLINE)
     snapshot = read_rows(dsn, app.target)
     second = app.engine().rotate(5, ONLINE)
@@ -100,23 +104,31 @@ def test_initialise_records_a_fresh_policy_version_without_rotating(dsn: str) ->
     assert not eng.rotate(5, ONLINE).performed
     assert decrypt_all(dsn, cfg, kek, Target("secrets")) == expected
     events = [e for e, _, _ in audit_events(dsn, cfg)]
-    assert events == ["key_created", "baseline_recorded", "key_created", "rotation_started",
-                      "key_retired", "rotation_finished"]
+    assert events == ["coverage_recorded", "key_created", "baseline_recorded", "key_created",
+                      "rotation_started", "key_retired", "rotation_finished"]
 
 
-def test_rotate_without_version_takes_the_next_one(dsn: str) -> None:
-    app = make_app(dsn, 100)
+def test_a_manual_rotation_uses_up_no_policy_version(dsn: str) -> None:
+    """Finding 9: a CLI ``rotate`` without ``--policy-version`` is a manual rotation; the
+    next spec.version bump still rotates (``kubectl wait ...observedVersion=N`` returns)."""
+    app = make_app(dsn, 100, atomic=True)
     assert app.engine().initialise(policy_version=3).served_version == 3
     res = app.engine().rotate(options=ONLINE)
-    assert res.requested_version == 4 and res.to_version == 2
+    assert res.performed and res.kind == "manual" and res.requested_version is None
+    assert res.to_version == 2
     res = app.engine().rotate(options=ATOMIC)
-    assert res.requested_version == 5 and res.to_version == 3
-    app.assert_rotated(keys_for_policy=[(4, 1), (5, 1)])
-    assert keys(dsn, app.cfg) == [(1, "retired", None), (2, "retired", 4), (3, "active", 5)]
+    assert res.kind == "manual" and res.to_version == 3
+    assert inspection.snapshot(dsn, app.cfg).served_version == 3  # untouched
+    bump = app.engine().rotate(4, ONLINE)  # the next GitOps bump
+    assert bump.performed and bump.requested_version == 4 and bump.to_version == 4
+    assert inspection.snapshot(dsn, app.cfg).served_version == 4
+    app.assert_rotated(keys_for_policy=[(4, 1)])
+    assert keys(dsn, app.cfg) == [(1, "retired", None), (2, "retired", None),
+                                  (3, "retired", None), (4, "active", 4)]
 
 
 def test_many_rotations_keep_every_key_and_one_active(dsn: str) -> None:
-    app = make_app(dsn, 200)
+    app = make_app(dsn, 200, atomic=True)
     for version in range(2, 7):
         app.engine().rotate(version, ONLINE if version % 2 else ATOMIC)
         assert active_version(dsn, app.cfg) == version
@@ -145,6 +157,9 @@ def test_multiple_targets_schema_qualified_and_custom_columns(dsn: str) -> None:
     create_table(dsn, targets[0])
     create_table(dsn, targets[1])
     create_table(dsn, targets[2], key_type="smallint", id_type="text")
+    for t in targets:
+        grant_atomic(dsn, t)
+    keys_schema(dsn, "keystore")
     cfg = StoreConfig(targets, keys_table="app_keys", schema="keystore")
     kek = crypto.new_key()
     eng = Engine(dsn, cfg, kek, actor="test")
@@ -157,7 +172,7 @@ def test_multiple_targets_schema_qualified_and_custom_columns(dsn: str) -> None:
     }
     # text ids for the third target
     creds = {f"user-{i:04d}": f"app-secret-cred-{i}".encode() for i in range(400)}
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(app_dsn(dsn)) as conn:
         for cid, pt in creds.items():
             value, kid = ring.encrypt(pt) if len(cid) % 2 else (crypto.encrypt(kek, pt), None)
             conn.execute("INSERT INTO app.credentials (cred_id, blob, kver) "
@@ -179,47 +194,56 @@ def test_multiple_targets_schema_qualified_and_custom_columns(dsn: str) -> None:
                            "WHERE table_schema = 'keystore' ORDER BY 1").fetchall()
         public = conn.execute("SELECT table_name FROM information_schema.tables "
                               "WHERE table_schema = 'public' ORDER BY 1").fetchall()
-    assert own == [("app_keys",), ("app_keys_audit",), ("app_keys_rotations",)]
+    assert own == [("app_keys",), ("app_keys_audit",), ("app_keys_meta",),
+                   ("app_keys_rotations",)]
     assert public == [("secrets",)]  # nothing of ours outside the keys schema
     assert verify_audit(dsn, cfg).events > 0
 
 
 def test_target_problems_are_named(dsn: str) -> None:
+    """Finding 10's engine half: each target problem is a specific SchemaError, the same
+    for initialise, rotate, status and verify, before anything is written."""
     kek = crypto.new_key()
     cases = [
-        ("CREATE TABLE t (id bigint PRIMARY KEY, value text, key_id int)", "must be bytea"),
-        ("CREATE TABLE t (id bigint PRIMARY KEY, value bytea, key_id text)",
+        ("CREATE TABLE {} (id bigint PRIMARY KEY, value text, key_id int)", "must be bytea"),
+        ("CREATE TABLE {} (id bigint PRIMARY KEY, value bytea, key_id text)",
          "must be an integer type"),
-        ("CREATE TABLE t (id bigint PRIMARY KEY, value bytea)", "has no column key_id"),
-        ("CREATE TABLE t (id bigint, value bytea, key_id int)", "needs a unique index"),
-        (None, "target table t does not exist"),
+        ("CREATE TABLE {} (id bigint PRIMARY KEY, value bytea)", "has no column key_id"),
+        ("CREATE VIEW {} AS SELECT 1::bigint AS id, ''::bytea AS value, 1 AS key_id",
+         "is a view, not a table"),
+        (None, "does not exist"),
     ]
     from rotation_operator.errors import SchemaError
 
-    for ddl, message in cases:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("DROP TABLE IF EXISTS t")
-            if ddl:
-                conn.execute(ddl)
-        with pytest.raises(SchemaError, match=message):
-            Engine(dsn, StoreConfig([Target("t")]), kek, actor="test").initialise()
-        with pytest.raises(SchemaError, match=message):
-            Engine(dsn, StoreConfig([Target("t")]), kek, actor="test").rotate(2, ONLINE)
+    for n, (ddl, message) in enumerate(cases):
+        name = f"t{n}"
+        if ddl:
+            with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
+                conn.execute(ddl.format(name))
+        cfg = StoreConfig([Target(name)])
+        for call in (lambda c=cfg: Engine(dsn, c, kek, actor="test").initialise(),
+                     lambda c=cfg: Engine(dsn, c, kek, actor="test").rotate(2, ONLINE),
+                     lambda c=cfg: inspection.snapshot(dsn, c),
+                     lambda c=cfg: inspection.verify(dsn, c, kek)):
+            with pytest.raises(SchemaError, match=message):
+                call()
+    with psycopg.connect(admin_dsn(dsn)) as conn:  # nothing of ours was created
+        assert conn.execute("SELECT to_regclass('encryption_keys')").fetchone() == (None,)
 
 
 def test_status_snapshot_counts_before_and_after(dsn: str) -> None:
     app = make_app(dsn, 1000, legacy_every=4, targets=[Target("secrets"),
-                                                      Target("other")])
+                                                      Target("other")], atomic=True)
     snap = inspection.snapshot(dsn, app.cfg)
     assert (snap.active_version, snap.served_version) == (1, None)
     assert (snap.secret_count, snap.legacy_count, snap.stale_count) == (2000, 500, 500)
     assert [(k.version, k.state, k.rows) for k in snap.keys] == [(1, "active", 1500)]
-    assert [(t.table, t.rows, t.legacy, t.stale) for t in snap.targets] == [
-        ("secrets", 1000, 250, 250), ("other", 1000, 250, 250)]
+    assert [(t.table, t.kind, t.rows, t.legacy, t.stale, t.retired) for t in snap.targets] == [
+        ("secrets", "table", 1000, 250, 250, 0), ("other", "table", 1000, 250, 250, 0)]
     assert snap.running is None and snap.last_rotation is None
 
     # an application writes under a key while we look
-    with Encryptor(dsn, app.kek) as enc, psycopg.connect(dsn) as conn:
+    with Encryptor(app_dsn(dsn), app.kek) as enc, psycopg.connect(app_dsn(dsn)) as conn:
         value, kid = enc.encrypt(b"app-secret-new")
         conn.execute("INSERT INTO secrets VALUES (5000, %s, %s)", (value, kid))
     app.expected[Target("secrets")][5000] = b"app-secret-new"
@@ -278,6 +302,8 @@ def test_quoted_identifiers_work(dsn: str) -> None:
     decoy = Target("select", schema="group")
     create_table(dsn, target)
     create_table(dsn, decoy)
+    grant_atomic(dsn, target)
+    keys_schema(dsn, "Table")
     cfg = StoreConfig([target], keys_table="Keys", schema="Table")
     kek = crypto.new_key()
     eng = Engine(dsn, cfg, kek, actor="test")
@@ -293,7 +319,7 @@ def test_quoted_identifiers_work(dsn: str) -> None:
     assert decrypt_all(dsn, cfg, kek, target) == expected
     assert {k for _, k in read_rows(dsn, target).values()} == {3}
     assert read_rows(dsn, decoy) == decoy_before
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(admin_dsn(dsn)) as conn:
         tables = conn.execute(
             "SELECT table_schema, table_name FROM information_schema.tables "
             "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
@@ -301,6 +327,6 @@ def test_quoted_identifiers_work(dsn: str) -> None:
         assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
             sql.Identifier("Table", "Keys"))).fetchone() == (3,)
     assert tables == [("Group", "Select"), ("Table", "Keys"), ("Table", "Keys_audit"),
-                      ("Table", "Keys_rotations"), ("group", "select")]
+                      ("Table", "Keys_meta"), ("Table", "Keys_rotations"), ("group", "select")]
     assert inspection.snapshot(dsn, cfg).stale_count == 0
     assert inspection.verify(dsn, cfg, kek).ok

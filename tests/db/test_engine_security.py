@@ -32,6 +32,7 @@ from tests.db.apptable import (
     audit_events,
     create_table,
     dump,
+    grant_atomic,
     make_app,
     run_cli,
     verify_audit,
@@ -99,6 +100,7 @@ def test_valid_names_that_need_quoting_cannot_inject(dsn: str) -> None:
     called ``drop`` with a column ``table`` is just a table, the canary lives."""
     target = Target("drop", id_column="table", value_column="select", key_id_column="from")
     create_table(dsn, target)
+    grant_atomic(dsn, target)
     _canary(dsn)
     cfg = StoreConfig([target], keys_table="DROP")
     kek = crypto.new_key()
@@ -116,7 +118,7 @@ def test_valid_names_that_need_quoting_cannot_inject(dsn: str) -> None:
 
 # -- audit chain ---------------------------------------------------------------------------
 def _rotated_twice(dsn: str) -> App:
-    app = make_app(dsn, 300)
+    app = make_app(dsn, 300, atomic=True)
     app.engine().rotate(2, ONLINE)
     app.engine().rotate(3, ATOMIC)
     return app
@@ -126,35 +128,38 @@ def test_audit_chain_records_every_event_and_verifies(dsn: str) -> None:
     app = _rotated_twice(dsn)
     events = audit_events(dsn, app.cfg)
     assert [(e, v) for e, v, _ in events] == [
-        ("key_created", 1),
+        ("coverage_recorded", None), ("key_created", 1),
         ("key_created", 2), ("rotation_started", 2), ("key_retired", 1),
         ("rotation_finished", 2),
         ("key_created", 3), ("rotation_started", 3), ("key_retired", 2),
         ("rotation_finished", 3)]
     finished = [d for e, _, d in events if e == "rotation_finished"]
     assert finished == [
-        {"policy_version": 2, "re_encrypted": 300, "legacy_migrated": 75, "retired": [1]},
-        {"policy_version": 3, "re_encrypted": 300, "legacy_migrated": 0, "retired": [2]}]
+        {"policy_version": 2, "kind": "policy", "re_encrypted": 300, "legacy_migrated": 75,
+         "retired": [1]},
+        {"policy_version": 3, "kind": "policy", "re_encrypted": 300, "legacy_migrated": 0,
+         "retired": [2]}]
     report = verify_audit(dsn, app.cfg)
-    assert report.events == 9 and len(report.head) == 64
+    assert report.events == 10 and len(report.head) == 64
 
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rows: 300" in proc.stdout and "audit chain: 9 events, ok" in proc.stdout
+    assert "rows: 300" in proc.stdout and "audit chain: 10 events, ok" in proc.stdout
     assert "verify: OK" in proc.stdout
 
 
 @pytest.mark.parametrize("tamper, message", [
     ("UPDATE encryption_keys_audit SET detail = jsonb_set(detail, '{re_encrypted}', '1') "
-     "WHERE event = 'rotation_finished' AND seq = 5", "audit row 5 (rotation_finished) was "
+     "WHERE event = 'rotation_finished' AND seq = 6", "audit row 6 (rotation_finished) was "
                                                        "altered"),
     ("UPDATE encryption_keys_audit SET actor = 'someone else' WHERE seq = 2",
      "audit row 2 (key_created) was altered"),
     ("UPDATE encryption_keys_audit SET at = at + interval '1 second' WHERE seq = 1",
-     "audit row 1 (key_created) was altered"),
+     "audit row 1 (coverage_recorded) was altered"),
     ("DELETE FROM encryption_keys_audit WHERE seq = 4", "audit row 4 is missing"),
     ("DELETE FROM encryption_keys_audit WHERE seq = 1", "audit row 1 is missing"),
-    ("UPDATE encryption_keys_audit SET seq = seq + 100 WHERE seq = 9", "audit row 9 is missing"),
+    ("UPDATE encryption_keys_audit SET seq = seq + 100 WHERE seq = 10",
+     "audit row 10 is missing"),
 ], ids=["detail", "actor", "time", "delete-middle", "delete-first", "renumber-last"])
 def test_tampered_audit_chain_fails_verify(dsn: str, tamper: str, message: str) -> None:
     app = _rotated_twice(dsn)
@@ -179,12 +184,12 @@ def test_recomputed_forged_row_breaks_the_next_link(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         seq, at, event, kv, actor, detail, prev = conn.execute(
             "SELECT seq, at, event, key_version, actor, detail, prev_hash "
-            "FROM encryption_keys_audit WHERE seq = 5").fetchone()  # type: ignore[misc]
+            "FROM encryption_keys_audit WHERE seq = 6").fetchone()  # type: ignore[misc]
         detail["re_encrypted"] = 1
         forged = audit.record_hash(bytes(prev), seq, at, event, kv, actor, detail)
-        conn.execute("UPDATE encryption_keys_audit SET detail = %s, hash = %s WHERE seq = 5",
+        conn.execute("UPDATE encryption_keys_audit SET detail = %s, hash = %s WHERE seq = 6",
                      (psycopg.types.json.Jsonb(detail), forged))
-    with pytest.raises(AuditChainError, match="audit row 6 does not follow row 5"):
+    with pytest.raises(AuditChainError, match="audit row 7 does not follow row 6"):
         verify_audit(dsn, app.cfg)
 
 
@@ -217,7 +222,7 @@ def test_no_key_or_plaintext_in_logs_errors_reprs_or_cli_output(
         dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     texts: list[str] = []
-    app = make_app(dsn, 400)
+    app = make_app(dsn, 400, atomic=True)
     wrong = crypto.new_key()
     eng = app.engine()
     texts += [repr(eng), str(eng)]
@@ -299,8 +304,8 @@ def test_truncating_the_tail_shows_only_in_the_head(dsn: str) -> None:
     app = _rotated_twice(dsn)
     head = verify_audit(dsn, app.cfg).head
     with psycopg.connect(dsn) as conn:
-        conn.execute("DELETE FROM encryption_keys_audit WHERE seq = 9")
+        conn.execute("DELETE FROM encryption_keys_audit WHERE seq = 10")
     report = verify_audit(dsn, app.cfg)
-    assert report.events == 8 and report.head != head
+    assert report.events == 9 and report.head != head
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
     assert proc.returncode == 0 and f"head {head[:16]}" not in proc.stdout

@@ -115,7 +115,11 @@ def test_wrong_kek(namespace: str, dsn: str, make_app: MakeApp,
     app.set_secret(KEK_SECRET, "kek", wrong.hex())
     app.patch_spec({"version": 2})
     obj = _assert_failed(app, "KEKMismatch",
-                         message="does not match the key that wrapped DEK v1")
+                         message="is not the one that wrapped DEK v1")
+    # Only the presented KEK's fingerprint is named, never the right one's (an oracle).
+    message = app.condition("Ready", obj)["message"]  # type: ignore[index]
+    assert crypto.kek_fingerprint(wrong) in message
+    assert crypto.kek_fingerprint(app.kek) not in message
     assert obj["status"]["observedVersion"] == 1 and obj["status"]["activeKeyVersion"] == 1
     time.sleep(SETTLE)
     after = app.db_state()

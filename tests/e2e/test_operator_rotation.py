@@ -23,6 +23,7 @@ from tests.fixtures.fix_operator import (
     StartOperator,
     eventually,
 )
+from tests.fixtures.roles import app_dsn
 
 
 def _ready_current(obj: dict) -> bool:  # type: ignore[type-arg]
@@ -110,7 +111,7 @@ def test_rotating_condition_and_progress(namespace: str, dsn: str, make_app: Mak
     # An application transaction holds one row late in the table, so the rotation stops
     # there (its UPDATE waits) after publishing progress for the batches before: the
     # in-between state is observed by polling without any race against a fast machine.
-    with psycopg.connect(dsn) as blocker:
+    with psycopg.connect(app_dsn(dsn)) as blocker:  # the application holds a row
         blocker.execute("SELECT 1 FROM secrets WHERE id = 16000 FOR UPDATE")
 
         def in_progress() -> dict | None:  # type: ignore[type-arg]

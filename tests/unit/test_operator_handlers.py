@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import kopf
+import psycopg
 import pytest
+import urllib3
 
 from rotation_operator.errors import (
     AccessDenied,
@@ -89,11 +91,34 @@ def test_permanent_error_for_a_bad_spec(rec: Recorder) -> None:
     assert _cond(rec.patches[0], "Ready")["reason"] == "InvalidSpec"
 
 
-def test_other_exceptions_pass_through_untouched(rec: Recorder) -> None:
-    with pytest.raises(ZeroDivisionError), \
+ROW_DETAIL = "DETAIL:  Failing row contains (7, app-secret-7, 1)."
+
+
+@pytest.mark.parametrize(("raised", "reason"), [
+    (psycopg.errors.CheckViolation(
+        'new row for relation "secrets" violates check constraint "c"\n' + ROW_DETAIL),
+     "DatabaseRejected"),
+    (psycopg.errors.DeadlockDetected("deadlock detected\n" + ROW_DETAIL), "DatabaseError"),
+    (psycopg.errors.InsufficientPrivilege("permission denied for table secrets"),
+     "DatabasePermissionDenied"),
+    (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"),
+     "LockTimeout"),
+    (urllib3.exceptions.ReadTimeoutError(None, "/api", "read timed out"),
+     "KubernetesUnavailable"),
+    (ZeroDivisionError("division by zero"), "InternalError"),
+], ids=["check-violation", "deadlock", "permission", "lock-timeout", "api-timeout", "bug"])
+def test_every_exception_becomes_a_condition_and_an_event(rec: Recorder, raised: Exception,
+                                                          reason: str) -> None:
+    """Finding 6: errors outside the package's hierarchy reach status and Events too, with
+    a sanitized message: never psycopg's DETAIL line (it may quote a whole row)."""
+    with pytest.raises(kopf.TemporaryError), \
             handlers.boundary(_policy(), rec):  # type: ignore[arg-type]
-        raise ZeroDivisionError
-    assert rec.patches == [] and rec.events == []
+        raise raised
+    ready = _cond(rec.patches[0], "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert [(t, r) for t, r, _ in rec.events] == [("Warning", reason)]
+    for text in (ready["message"], rec.events[0][2], _cond(rec.patches[0], "Degraded")["message"]):
+        assert "DETAIL" not in text and "app-secret" not in text and "Failing row" not in text
 
 
 def test_failure_during_a_rotation_marks_it_failed(rec: Recorder) -> None:

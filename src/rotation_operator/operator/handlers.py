@@ -6,18 +6,24 @@ condition, an Event and ``kopf.TemporaryError`` / ``kopf.PermanentError``.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import kopf
+import psycopg
+import urllib3
+from kubernetes.client.exceptions import ApiException
 
-from ..errors import RotationOperatorError
+from ..database import translate
+from ..errors import InternalError, KubernetesUnavailable, RotationOperatorError
 from . import settings as operator_settings
 from . import workflow
 from .kube import GROUP, PLURAL, VERSION
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+log = logging.getLogger(__name__)
 
 
 class _Events:
@@ -35,16 +41,37 @@ def _policy(body: kopf.Body) -> workflow.Policy:
     meta = body.get("metadata") or {}
     return workflow.Policy(namespace=meta["namespace"], name=meta["name"],
                            generation=int(meta.get("generation") or 0),
-                           spec=body.get("spec") or {}, status=body.get("status") or {})
+                           spec=body.get("spec") or {}, status=body.get("status") or {},
+                           uid=str(meta.get("uid") or ""))
+
+
+def as_error(exc: Exception) -> RotationOperatorError:
+    """Every exception as the package's error, with a sanitized message: psycopg's through
+    :func:`~rotation_operator.database.translate` (no DETAIL line, no row values), the
+    Kubernetes client's as unavailable, anything else as an internal error named by type."""
+    if isinstance(exc, RotationOperatorError):
+        return exc
+    if isinstance(exc, psycopg.Error):
+        return translate(exc)
+    if isinstance(exc, urllib3.exceptions.HTTPError | ApiException | TimeoutError |
+                  ConnectionError):
+        return KubernetesUnavailable(f"the Kubernetes API failed: {type(exc).__name__}")
+    log.error("unexpected %s in a handler:\n%s", type(exc).__name__,
+              "".join(traceback.format_tb(exc.__traceback__)))
+    return InternalError(f"unexpected {type(exc).__name__} (a bug; the operator log has "
+                         "where it happened)")
 
 
 @contextmanager
 def boundary(policy: workflow.Policy, events: _Events) -> Iterator[workflow.StatusWriter]:
-    """Map the package's errors to status + Event + Kopf's retry semantics."""
+    """Map every error to status + Event + Kopf's retry semantics."""
     writer = workflow.StatusWriter(policy)  # the run writes through it, and so does a failure
     try:
         yield writer
-    except RotationOperatorError as exc:
+    except (kopf.TemporaryError, kopf.PermanentError):
+        raise
+    except Exception as raw:
+        exc = as_error(raw)
         workflow.fail(policy, exc, events, writer)
         if exc.retryable:
             cap = operator_settings.current.max_retry_delay
@@ -103,5 +130,5 @@ def refresh(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]
     """Refresh counts between rotations (applications write all the time)."""
     policy, events = _policy(body), _Events(body)
     with boundary(policy, events):
-        if not workflow.refresh(policy):
+        if not workflow.refresh(policy, events):
             logger.debug("refresh skipped: a reconciliation is running")

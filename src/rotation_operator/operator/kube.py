@@ -1,37 +1,61 @@
-"""The few Kubernetes API calls the workflow makes itself: read a Secret, patch status.
+"""The few Kubernetes API calls the workflow makes itself: read a Secret or a policy, patch
+status.
 
 Kopf watches and posts events through its own client; these calls use the official
-client because they run inside sync handlers and from the rotation's progress callback.
-Errors are mapped here to the package's hierarchy so the one boundary in ``handlers``
-sees only :class:`~rotation_operator.errors.RotationOperatorError`.  Secret values are
-returned as bytes to the caller and never logged.
+client because they run inside sync handlers and between a rotation's batches.  Every call
+has a request timeout (a hung API server must not hold a handler forever).  Errors are
+mapped here to the package's hierarchy, so the one boundary in ``handlers`` sees only
+:class:`~rotation_operator.errors.RotationOperatorError`.  Secret values are returned as
+bytes to the caller and never logged.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ..errors import AccessDenied, RotationOperatorError, SecretError
+from ..errors import AccessDenied, KubernetesUnavailable, RotationOperatorError, SecretError
+from . import metrics
 
 GROUP, VERSION, PLURAL = "rotation-operator.io", "v1alpha1", "encryptionpolicies"
+#: (connect, read) seconds for every call.
+TIMEOUT = (5.0, 30.0)
+T = TypeVar("T")
+
+
+@contextmanager
+def _unreachable(what: str) -> Iterator[None]:
+    """Timeouts, refused connections and 5xx answers: retry later."""
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as exc:
+        raise KubernetesUnavailable(f"{what}: the Kubernetes API did not answer "
+                                    f"({type(exc).__name__})") from None
+
+
+def _call(operation: str, what: str, fn: Callable[[], T]) -> T:
+    with metrics.timed("kubernetes", operation), _unreachable(what):
+        return fn()
 
 
 def read_secret(namespace: str, name: str, key: str, what: str) -> bytes:
     """The bytes of ``key`` in Secret ``namespace/name``; precise errors, never the value."""
     try:
-        secret = client.CoreV1Api().read_namespaced_secret(name, namespace)
+        secret = _call("read_secret", what, lambda: client.CoreV1Api().read_namespaced_secret(
+            name, namespace, _request_timeout=TIMEOUT))
     except ApiException as exc:
         if exc.status == 404:
             raise SecretError(f"{what}: Secret {namespace}/{name} does not exist") from None
         if exc.status == 403:
             raise AccessDenied(f"{what}: the operator may not get Secret {namespace}/{name} "
                                "(RBAC: grant get on secrets)") from None
-        raise RotationOperatorError(
-            f"{what}: reading Secret {namespace}/{name} failed: HTTP {exc.status}") from None
+        raise _http(f"{what}: reading Secret {namespace}/{name}", exc) from None
     data = secret.data or {}
     if key not in data:
         raise SecretError(f"{what}: Secret {namespace}/{name} has no key {key!r} "
@@ -39,16 +63,39 @@ def read_secret(namespace: str, name: str, key: str, what: str) -> bytes:
     return base64.b64decode(data[key])
 
 
+def get_policy(namespace: str, name: str) -> dict[str, Any] | None:
+    """The policy object, or None if it is gone."""
+    try:
+        obj: Any = _call(
+            "get_policy", f"reading {namespace}/{name}",
+            lambda: client.CustomObjectsApi().get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=TIMEOUT))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        if exc.status == 403:
+            raise AccessDenied(f"the operator may not get {PLURAL} in {namespace}") from None
+        raise _http(f"reading {namespace}/{name}", exc) from None
+    return dict(obj)
+
+
 def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     """Merge-patch the status subresource of one EncryptionPolicy."""
     try:
-        client.CustomObjectsApi().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+        _call("patch_status", f"status update of {namespace}/{name}",
+              lambda: client.CustomObjectsApi().patch_namespaced_custom_object_status(
+                  GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+                  _request_timeout=TIMEOUT))
     except ApiException as exc:
         if exc.status == 404:
             return  # deleted meanwhile: deleting stops management, nothing to report
         if exc.status == 403:
             raise AccessDenied(f"the operator may not patch {PLURAL}/status in {namespace} "
                                "(RBAC: grant patch on encryptionpolicies/status)") from None
-        raise RotationOperatorError(f"status update of {namespace}/{name} failed: "
-                                    f"HTTP {exc.status}") from None
+        raise _http(f"status update of {namespace}/{name}", exc) from None
+
+
+def _http(what: str, exc: ApiException) -> RotationOperatorError:
+    if exc.status is not None and (exc.status >= 500 or exc.status == 429):
+        return KubernetesUnavailable(f"{what} failed: HTTP {exc.status}")
+    return RotationOperatorError(f"{what} failed: HTTP {exc.status}")

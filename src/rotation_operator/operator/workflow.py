@@ -1,10 +1,17 @@
 """One policy's reconciliation: Secrets → engine → status.  No Kopf in here.
 
 The handlers call :func:`reconcile` (create, resume, spec change) and :func:`refresh`
-(timer).  Everything the user sees is written here: status fields, conditions, events
-(through the ``Reporter`` the handler passes in, so this module stays free of Kopf).
-Errors are raised as :class:`~rotation_operator.errors.RotationOperatorError`; the handler
-boundary turns them into a condition, an event and a Kopf retry.
+(timer).  A reconcile is one pass: prepare the database once, decide once
+(:func:`~rotation_operator.decisions.decide`), act, report.  Everything the user sees is
+written here: status fields, conditions, Events (through the ``Reporter`` the handler
+passes in, so this module stays free of Kopf).  Errors are raised as
+:class:`~rotation_operator.errors.RotationOperatorError`; the handler boundary turns them
+into a condition, an Event and a Kopf retry.
+
+Between batches the running rotation looks at its policy again (:class:`Control`, at most
+every two seconds): ``spec.rotation.paused`` stops it cleanly, and so does deleting the
+policy.  No Kubernetes call happens inside a database transaction: the engine calls back
+only between them.
 """
 
 from __future__ import annotations
@@ -16,24 +23,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import psycopg
-
 from .. import crypto
 from ..config import RotationOptions, StoreConfig, Target
+from ..decisions import Action, Decision, Request, decide, wants_rotation
 from ..engine import Engine, RotationResult
-from ..errors import ConfigError, RotationOperatorError, SchemaError
+from ..errors import (
+    ConfigError,
+    KubernetesUnavailable,
+    RotationCancelled,
+    RotationOperatorError,
+    RotationPaused,
+)
 from ..inspection import Snapshot, snapshot
-from ..keystore import KeyStore, connect, db_errors, first_line
 from . import conditions, kube, metrics
 from .conditions import DEGRADED, READY, ROTATING
-from .decisions import Action, decide, wants_rotation
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 _busy: dict[tuple[str, str], threading.Lock] = {}
 _busy_guard = threading.Lock()
 #: Ready reasons the refresh timer may clear once counts can be read again.
-_TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden")
+_TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden", "KubernetesUnavailable")
+_ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP)
+#: Every field of ``status.rotation``: each write names all of them (None deletes one in a
+#: merge patch), so the object always describes the one rotation it names.
+ROTATION_FIELDS = ("phase", "kind", "mode", "policyVersion", "fromVersion", "toVersion", "done",
+                   "total", "progress", "reEncrypted", "legacyMigrated", "resumed", "startedAt",
+                   "finishedAt", "seconds", "message", "handover", "caughtInHandover",
+                   "sweptAfter")
 
 
 class Reporter(Protocol):
@@ -52,17 +69,27 @@ class Policy:
     generation: int
     spec: Mapping[str, Any]
     status: Mapping[str, Any]
+    uid: str = ""
 
     @property
     def desired(self) -> int:
         version = self.spec.get("version")
-        if not isinstance(version, int) or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigError("spec.version must be a positive integer")
         return version
 
     @property
     def actor(self) -> str:
         return f"EncryptionPolicy {self.namespace}/{self.name} version={self.spec.get('version')}"
+
+    @property
+    def owner(self) -> str:
+        """Whom the keys table's targets are recorded for."""
+        return f"EncryptionPolicy {self.namespace}/{self.name}"
+
+    @property
+    def paused(self) -> bool:
+        return bool((self.spec.get("rotation") or {}).get("paused", False))
 
     def store_config(self) -> StoreConfig:
         db = self.spec.get("database") or {}
@@ -71,9 +98,15 @@ class Policy:
 
     def options(self) -> RotationOptions:
         r = self.spec.get("rotation") or {}
-        return RotationOptions(mode=r.get("mode", "Online"), batch_size=r.get("batchSize", 5000),
-                               vacuum=r.get("vacuum", True), workers=r.get("workers", 2),
-                               grace=r.get("graceSeconds", 2.0))
+        defaults = RotationOptions()
+        return RotationOptions(
+            mode=r.get("mode", "Online"), batch_size=r.get("batchSize", defaults.batch_size),
+            vacuum=r.get("vacuum", True), workers=r.get("workers", defaults.workers),
+            grace=r.get("graceSeconds", defaults.grace),
+            max_batch_bytes=r.get("maxBatchBytes", defaults.max_batch_bytes),
+            lock_timeout=r.get("lockTimeoutSeconds", defaults.lock_timeout),
+            statement_timeout=r.get("statementTimeoutSeconds", defaults.statement_timeout),
+            handover_timeout=r.get("handoverTimeoutSeconds", defaults.handover_timeout))
 
     def conditions(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.status.get("conditions") or []]
@@ -101,7 +134,36 @@ class StatusWriter:
         if with_conditions:
             body["conditions"] = self.conds
             body["observedGeneration"] = self.policy.generation
+            metrics.observe_conditions(self.policy.namespace, self.policy.name, self.conds)
         kube.patch_status(self.policy.namespace, self.policy.name, body)
+
+
+class Control:
+    """Called by the engine between batches: stops the rotation when its policy is paused
+    or deleted (looked up at most every ``interval`` seconds)."""
+
+    def __init__(self, policy: Policy, interval: float = 2.0):
+        self.policy = policy
+        self.interval = interval
+        self._checked = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._checked < self.interval:
+            return
+        self._checked = time.monotonic()
+        p = self.policy
+        try:
+            obj = kube.get_policy(p.namespace, p.name)
+        except KubernetesUnavailable as exc:  # keep going; the next check may answer
+            log.warning("could not look up %s/%s between batches: %s", p.namespace, p.name, exc)
+            return
+        meta = (obj or {}).get("metadata") or {}
+        if obj is None or meta.get("deletionTimestamp") or (p.uid and meta.get("uid") != p.uid):
+            raise RotationCancelled(f"policy {p.namespace}/{p.name} was deleted: rotation "
+                                    "stopped between batches (a re-created policy resumes it)")
+        if ((obj.get("spec") or {}).get("rotation") or {}).get("paused"):
+            raise RotationPaused("spec.rotation.paused was set: rotation stopped between "
+                                 "batches; clear it to resume")
 
 
 def read_secrets(policy: Policy) -> tuple[str, bytes]:
@@ -109,20 +171,33 @@ def read_secrets(policy: Policy) -> tuple[str, bytes]:
     db_ref = (policy.spec.get("database") or {}).get("secretRef") or {}
     if not kek_ref.get("name") or not db_ref.get("name"):
         raise ConfigError("spec.kek.secretRef.name and spec.database.secretRef.name are required")
-    kek_key, db_key = kek_ref.get("key", "kek"), db_ref.get("key", "dsn")
+    kek_key = kek_ref.get("key", "kek")
     raw = kube.read_secret(policy.namespace, kek_ref["name"], kek_key, "KEK")
     kek = crypto.parse_kek(raw, f"Secret {policy.namespace}/{kek_ref['name']} key {kek_key}")
-    dsn = kube.read_secret(policy.namespace, db_ref["name"], db_key, "database DSN")
+    return read_dsn(policy), kek
+
+
+def read_dsn(policy: Policy) -> str:
+    db_ref = (policy.spec.get("database") or {}).get("secretRef") or {}
+    db_key = db_ref.get("key", "dsn")
+    dsn = kube.read_secret(policy.namespace, db_ref.get("name", ""), db_key, "database DSN")
     try:
-        return dsn.decode().strip(), kek
+        return dsn.decode().strip()
     except UnicodeDecodeError:
-        raise ConfigError(f"Secret {policy.namespace}/{db_ref['name']} key {db_key} is not "
+        raise ConfigError(f"Secret {policy.namespace}/{db_ref.get('name')} key {db_key} is not "
                           "UTF-8 text") from None
+
+
+def rotation_status(**fields: Any) -> dict[str, Any]:
+    """A complete ``status.rotation``: unnamed fields are None (removed by the patch)."""
+    unknown = set(fields) - set(ROTATION_FIELDS)
+    assert not unknown, unknown
+    return {name: fields.get(name) for name in ROTATION_FIELDS}
 
 
 def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
               writer: StatusWriter | None = None) -> str:
-    """Initialise, rotate if spec.version asks for it, and write the full status.
+    """Prepare, decide, act (rotate, resume or sweep), and write the full status.
 
     Returns a short summary for the handler's log line.  ``writer`` is the handler
     boundary's: if this raises, the boundary reports the failure through the same writer,
@@ -130,104 +205,160 @@ def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
     """
     writer = writer or StatusWriter(policy)
     desired = policy.desired
-    if wants_rotation(desired, policy.status.get("observedVersion")):
+    if wants_rotation(desired, policy.status.get("observedVersion")) and not policy.paused:
         # Flag it before any slow work: pipelines watch for Rotating within a second.
         writer.condition(ROTATING, True, "RotationRequested",
                          f"spec.version {desired} requested; preparing the rotation")
         writer.condition(READY, False, "Rotating", f"rotating to version {desired}")
-        writer.patch({"rotation": {"phase": "Pending", "policyVersion": desired}})
+        writer.patch({"rotation": rotation_status(phase="Pending", policyVersion=desired,
+                                                  startedAt=conditions.now())})
     cfg, options = policy.store_config(), policy.options()
     dsn, kek = read_secrets(policy)
-    engine = Engine(dsn, cfg, kek, actor=policy.actor)
+    engine = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner)
+    request = Request("policy", desired, policy.paused)
+    result: RotationResult | None = None
     with policy_lock(policy):
-        engine.initialise(desired)
+        prepared = engine.prepare(desired)
+        decision = decide(request, prepared.state)
+        try:
+            for _ in range(2):  # a resumed rotation of another kind, then this one's own
+                if decision.action not in _ACTS:
+                    break
+                result = _rotate(policy, settings, events, writer, engine, options, decision,
+                                 request, prepared)
+                if decision.action is not Action.RESUME or result.requested_version == desired:
+                    break
+                prepared = engine.prepare(desired)
+                decision = decide(request, prepared.state)
+        except RotationPaused as exc:
+            decision = Decision(Action.PAUSED, exc.reason, str(exc))
+        except RotationCancelled as exc:
+            log.info("%s/%s: %s", policy.namespace, policy.name, exc)
+            return str(exc)
         snap = snapshot(dsn, cfg)
-        decision = decide(desired, snap.served_version,
-                          snap.running.requested_version if snap.running else None)
-        result: RotationResult | None = None
-        if decision.action is not Action.NONE:
-            result = _rotate(policy, settings, events, writer, engine, options, decision.message)
-            snap = snapshot(dsn, cfg)
-    _write_ready(policy, writer, snap, result, decision.message)
+    _write_ready(policy, writer, snap, result, decision)
     return decision.message if result is None else _summary(result)
 
 
 def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer: StatusWriter,
-            engine: Engine, options: RotationOptions, why: str) -> RotationResult:
-    desired = policy.desired
+            engine: Engine, options: RotationOptions, decision: Decision, request: Request,
+            prepared: Any) -> RotationResult:
     started = conditions.now()
-    events.info("RotationStarted", f"{why} ({options.mode} mode, batches of "
-                                   f"{options.batch_size})")
-    writer.condition(ROTATING, True, "RotationRunning", why)
-    writer.condition(READY, False, "Rotating", f"rotating to version {desired}")
-    base = {"phase": "Running", "mode": options.mode, "policyVersion": desired,
-            "startedAt": started, "finishedAt": None, "done": 0, "total": 0}
-    writer.patch({"rotation": base})
+    labels = (policy.namespace, policy.name)
+    sweep = decision.action is Action.SWEEP
+    if not sweep:
+        events.info("RotationStarted", f"{decision.message} ({options.mode} mode, batches of "
+                                       f"{options.batch_size})")
+        writer.condition(ROTATING, True, "RotationRunning", decision.message)
+        writer.condition(READY, False, "Rotating", f"rotating to version {policy.desired}")
+    base = {"phase": "Running", "kind": "sweep" if sweep else "policy", "mode": options.mode,
+            "policyVersion": None if sweep else policy.desired, "startedAt": started}
+    writer.patch({"rotation": rotation_status(**base, done=0, total=0,
+                                              progress=_progress(0, 0))})
     last = [0.0]
     seen = {"done": 0, "total": 0}  # the latest counts, for the Failed record too
 
     def progress(done: int, total: int) -> None:
         seen.update(done=done, total=total)
+        metrics.rotation_progress(*labels, done, total)
         if time.monotonic() - last[0] < settings.progress_interval and done < total:
             return
         last[0] = time.monotonic()
         try:
-            writer.patch({"rotation": {**base, "done": done, "total": total,
-                                       "progress": _progress(done, total)}},
+            writer.patch({"rotation": rotation_status(**base, **seen,
+                                                      progress=_progress(done, total))},
                          with_conditions=False)
         except RotationOperatorError as exc:  # progress is best effort; the rotation goes on
             log.warning("progress update failed: %s", exc)
 
-    labels = (policy.namespace, policy.name)
+    metrics.rotation_started(*labels)
     t0 = time.monotonic()
     try:
-        result = engine.rotate(desired, options, progress=progress)
+        result = engine.execute(request, options, prepared=prepared, progress=progress,
+                                control=Control(policy))
+    except RotationPaused as exc:
+        writer.patch({"rotation": rotation_status(**{**base, "phase": "Paused"}, **seen,
+                                                  progress=_progress(**seen),
+                                                  message=str(exc))}, with_conditions=False)
+        raise
     except RotationOperatorError as exc:
         metrics.ROTATIONS.labels(*labels, "failed").inc()
-        # Keep the last counts (a merge patch of ``base`` would reset done/total to 0
-        # under a stale ``progress`` string).
-        writer.patch({"rotation": {**base, **seen, "phase": "Failed", "message": str(exc),
-                                   "progress": _progress(seen["done"], seen["total"])}},
-                     with_conditions=False)
+        if exc.reason == "RowDecryptFailed":
+            metrics.DECRYPT_FAILURES.labels(*labels).inc()
+        writer.patch({"rotation": rotation_status(**{**base, "phase": "Failed"}, **seen,
+                                                  progress=_progress(**seen),
+                                                  message=str(exc))}, with_conditions=False)
         raise
+    finally:
+        metrics.rotation_ended(*labels)
     metrics.DURATION.labels(*labels).observe(time.monotonic() - t0)
     metrics.ROWS.labels(*labels).inc(result.re_encrypted)
     metrics.ROTATIONS.labels(*labels, "succeeded" if result.performed else "noop").inc()
-    writer.patch({"rotation": {
-        **base, "phase": "Succeeded", "fromVersion": result.from_version,
+    writer.patch({"rotation": rotation_status(**{
+        **base, "phase": "Succeeded" if result.performed else "Skipped", "kind": result.kind,
+        "policyVersion": result.requested_version, "fromVersion": result.from_version,
         "toVersion": result.to_version, "done": result.re_encrypted,
-        "total": result.re_encrypted, "progress": _progress(result.re_encrypted,
-                                                            result.re_encrypted),
+        "total": result.re_encrypted,
+        "progress": _progress(result.re_encrypted, result.re_encrypted),
         "reEncrypted": result.re_encrypted, "legacyMigrated": result.legacy_migrated,
         "resumed": result.resumed, "finishedAt": conditions.now(),
-        "seconds": round(result.seconds, 3), "message": _summary(result)}},
+        "seconds": round(result.seconds, 3), "message": _summary(result),
+        "handover": result.handover or None, "caughtInHandover": result.caught_in_handover,
+        "sweptAfter": result.swept_after})},
         with_conditions=False)
-    events.info("RotationFinished", _summary(result))
+    if sweep:
+        events.warn("StaleRowsSwept", _summary(result))
+    else:
+        events.info("RotationFinished", _summary(result))
+        if result.swept_after or result.caught_in_handover:
+            events.info("OldKeyWritesCaught",
+                        f"{result.caught_in_handover} rows written under old keys during the "
+                        f"rotation were moved by its final passes, {result.swept_after} "
+                        "right after it finished")
     return result
 
 
 def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
-                 result: RotationResult | None, message: str) -> None:
-    reason = "RotationSucceeded" if result and result.performed else "KeysReady"
-    text = _summary(result) if result and result.performed else (
-        f"active key v{snap.active_version}; {message}")
-    writer.condition(READY, True, reason, text)
-    writer.condition(ROTATING, False, "Idle", "no rotation running")
-    writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
+                 result: RotationResult | None, decision: Decision) -> None:
+    performed = result is not None and result.performed and result.kind != "sweep"
+    if decision.action is Action.BEHIND:
+        writer.condition(READY, False, decision.reason, decision.message)
+        writer.condition(ROTATING, False, "Idle", "no rotation running")
+    elif decision.action is Action.PAUSED:
+        writer.condition(READY, False, "Paused", decision.message)
+        writer.condition(ROTATING, False, "Paused", decision.message)
+    else:
+        text = _summary(result) if performed and result is not None else (
+            f"active key v{snap.active_version}; {decision.message}")
+        writer.condition(READY, True, "RotationSucceeded" if performed else "KeysReady", text)
+        writer.condition(ROTATING, False, "Idle", "no rotation running")
+    _degraded(writer, snap, clear_other=True)
     # Metrics first: whoever sees the status (kubectl wait) may scrape right after.
-    metrics.observe_counts(policy.namespace, policy.name, snap.active_version,
-                           snap.secret_count, snap.legacy_count, snap.stale_count)
+    metrics.observe_counts(policy.namespace, policy.name, snap)
     writer.patch(snapshot_fields(snap))
 
 
-def refresh(policy: Policy) -> bool:
-    """Timer: refresh counts and keys.  False if a rotation is busy.
+def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> None:
+    """Degraded from the counts: rows under a retired key, with their own reason.
+    ``clear_other``: also clear a Degraded set by an earlier failure."""
+    if snap.retired_count and snap.running is None:
+        writer.condition(DEGRADED, True, "RowsUnderRetiredKey",
+                         f"{snap.retired_count} rows are under a retired key (written by an "
+                         "application with a stale key ring); the refresh sweeps them onto "
+                         f"DEK v{snap.active_version}")
+        return
+    current = conditions.get(writer.conds, DEGRADED) or {}
+    if clear_other or current.get("reason") == "RowsUnderRetiredKey":
+        writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
+
+
+def refresh(policy: Policy, events: Reporter) -> bool:
+    """Timer: refresh counts and keys, and sweep rows found under a retired key.  False if
+    a reconciliation is busy.
 
     Counting needs the DSN only.  Clearing a transient failure (Ready=False because a
     Secret, the RBAC grant or the database was missing) needs everything reconcile
     needs: both Secrets readable, the KEK well-formed and matching the stored keys.
-    Checking the DSN alone made Ready flap to True every refresh while the KEK Secret
-    was still missing.
     """
     if policy.status.get("observedVersion") is None:
         # Never initialised (e.g. the KEK Secret is missing): there are no key tables to
@@ -236,37 +367,47 @@ def refresh(policy: Policy) -> bool:
     ready = conditions.get(policy.conditions(), READY)
     transient = ready is not None and ready.get("reason") in _TRANSIENT
     cfg = policy.store_config()
-    kek: bytes | None = None
     lock = policy_lock(policy)
     if not lock.acquire(blocking=False):
         return False
     try:
+        healed = False
         if transient:
             dsn, kek = read_secrets(policy)
+            prepared = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner).prepare()
+            healed = prepared.state.served is not None and \
+                prepared.state.served >= policy.desired
         else:
-            db_ref = (policy.spec.get("database") or {}).get("secretRef") or {}
-            dsn = kube.read_secret(policy.namespace, db_ref.get("name", ""),
-                                   db_ref.get("key", "dsn"), "database DSN").decode().strip()
-        try:
-            snap = snapshot(dsn, cfg)
-        except psycopg.Error as exc:  # e.g. a target or key table dropped by hand
-            raise SchemaError(f"cannot count keys and rows: {first_line(exc)}") from None
-        healed = transient and snap.served_version is not None and \
-            snap.served_version >= policy.desired
-        if healed and kek is not None:
-            with db_errors(), connect(dsn) as conn:
-                KeyStore(cfg).load_ring(conn, kek)  # fail closed: KekMismatchError
+            dsn = read_dsn(policy)
+        snap = snapshot(dsn, cfg)
+        if snap.retired_count and snap.running is None and not policy.paused:
+            snap = _sweep(policy, events, dsn, cfg)
     finally:
         lock.release()
     writer = StatusWriter(policy)
     if healed:
         writer.condition(READY, True, "KeysReady", f"active key v{snap.active_version}; "
                                                    "database and Secrets reachable again")
-        writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
-    metrics.observe_counts(policy.namespace, policy.name, snap.active_version,
-                           snap.secret_count, snap.legacy_count, snap.stale_count)
-    writer.patch(snapshot_fields(snap), with_conditions=healed)
+    _degraded(writer, snap, clear_other=healed)
+    metrics.observe_counts(policy.namespace, policy.name, snap)
+    writer.patch(snapshot_fields(snap))
     return True
+
+
+def _sweep(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig) -> Snapshot:
+    """Move rows under retired keys onto the active key, and say so."""
+    dsn, kek = read_secrets(policy)
+    engine = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner)
+    labels = (policy.namespace, policy.name)
+    metrics.rotation_started(*labels)
+    try:
+        result = engine.sweep(policy.options(), control=Control(policy))
+    finally:
+        metrics.rotation_ended(*labels)
+    if result.performed:
+        metrics.ROWS.labels(*labels).inc(result.re_encrypted)
+        events.warn("StaleRowsSwept", _summary(result))
+    return snapshot(dsn, cfg)
 
 
 def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
@@ -299,7 +440,11 @@ def _progress(done: int, total: int) -> str:
 
 def _summary(result: RotationResult) -> str:
     if not result.performed:
-        return f"version {result.requested_version} already served (key v{result.to_version})"
+        return (result.decision.message if result.decision else
+                f"version {result.requested_version} already served (key v{result.to_version})")
+    if result.kind == "sweep":
+        return (f"swept {result.re_encrypted} rows found under retired keys onto "
+                f"v{result.to_version}")
     return (f"rotated v{result.from_version} -> v{result.to_version}: {result.re_encrypted} rows "
             f"re-encrypted ({result.legacy_migrated} legacy) in {result.seconds:.1f}s"
             + ("; resumed after an interruption" if result.resumed else "")

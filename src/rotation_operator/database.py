@@ -1,0 +1,145 @@
+"""Connections to PostgreSQL and the one translation of its errors.
+
+Why a module of its own: every layer that talks to the database (engine, keystore,
+inspection, library) must connect the same way (keepalives, so a NAT or a load balancer
+does not silently drop an idle session; timeouts, so nothing waits forever), and every
+``psycopg`` exception must reach users in the same sanitized form.  A server message can
+carry a ``DETAIL:`` line quoting a whole application row (``Failing row contains (...)``),
+and data errors quote the offending input; neither may reach a log line, a condition or an
+Event.  :func:`translate` keeps the SQLSTATE, the class and, only for classes whose primary
+message names objects rather than values, that message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+
+from .errors import (
+    DatabaseError,
+    DatabaseForbidden,
+    DatabaseRejected,
+    DatabaseUnavailable,
+    LockTimeout,
+    RotationOperatorError,
+    ServerUnsupported,
+    StatementTimeout,
+)
+
+Conn = psycopg.Connection[Any]
+#: Oldest server the engine supports: TID range scans arrived in PostgreSQL 14.
+MIN_SERVER_VERSION = 140000
+#: TCP keepalives on every connection: a dropped peer is noticed within about 25 s, and
+#: an idle session (the rotation lock's) is not reaped by a NAT or proxy idle timer.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3}
+#: Transient conflicts a batch simply retries (application transactions hold its rows).
+RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+#: SQLSTATE classes whose primary message names objects (tables, roles, settings), never
+#: row values: connection, auth, transaction rollback, syntax/access, resources, limits,
+#: object state, operator intervention, system errors.
+_SAFE_CLASSES = frozenset({"08", "0A", "25", "28", "3D", "3F", "40", "42", "53", "54", "55",
+                           "57", "58"})
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-session limits for rotation statements (milliseconds; 0 = none)."""
+
+    lock_ms: int = 0
+    statement_ms: int = 0
+
+    def options(self) -> str:
+        return (f"-c lock_timeout={self.lock_ms} -c statement_timeout={self.statement_ms} "
+                "-c idle_in_transaction_session_timeout=0")
+
+
+def connect(dsn: str, *, autocommit: bool = True, application_name: str = "rotation-operator",
+            timeouts: Timeouts | None = None) -> Conn:
+    """Open a connection (autocommit: callers group writes with ``conn.transaction()``),
+    mapping failures to :class:`DatabaseUnavailable`.
+
+    The DSN is never put in the error: it may hold a password.
+    """
+    extra: dict[str, Any] = dict(KEEPALIVES)
+    if timeouts is not None:
+        extra["options"] = timeouts.options()
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10,
+                               application_name=application_name, **extra)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {first_line(exc)}") from None
+    except psycopg.ProgrammingError as exc:  # malformed DSN
+        raise DatabaseUnavailable(f"invalid database DSN: {type(exc).__name__}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a message: libpq puts DETAIL/HINT/CONTEXT on the lines after."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def describe(exc: psycopg.Error) -> str:
+    """A one-line description of a server error that cannot contain row values."""
+    state = exc.sqlstate or ""
+    diag = exc.diag
+    name = type(exc).__name__
+    if not state:  # a client-side or connection error: libpq's first line names no values
+        return first_line(exc)
+    if state[:2] in _SAFE_CLASSES and diag.message_primary:
+        return f"{diag.message_primary} (SQLSTATE {state})"
+    where = [f"{what} {value}" for what, value in (
+        ("constraint", diag.constraint_name), ("table", diag.table_name),
+        ("column", diag.column_name)) if value]
+    return f"{name} (SQLSTATE {state})" + (f" on {', '.join(where)}" if where else "")
+
+
+def translate(exc: psycopg.Error) -> RotationOperatorError:
+    """The package error for a psycopg exception, with a sanitized message."""
+    text = describe(exc)
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return LockTimeout(f"lock not granted within lock_timeout: {text}")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return StatementTimeout(f"statement cancelled: {text}")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return DatabaseForbidden(f"the database role lacks a privilege: {text}")
+    if isinstance(exc, psycopg.errors.IntegrityError | psycopg.errors.RaiseException):
+        return DatabaseRejected(f"the database rejected the write: {text}")
+    if _connection_lost(exc):
+        return DatabaseUnavailable(f"database connection failed: {text}")
+    return DatabaseError(f"database error: {text}")
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """The session is gone (server restart, terminated backend, network), not the
+    statement refused."""
+    state = exc.sqlstate or ""
+    if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown |
+                  psycopg.errors.CannotConnectNow) or state.startswith("08"):
+        return True
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not state
+
+
+class db_errors:
+    """Translate psycopg exceptions leaving the block into package errors."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> Literal[False]:
+        if isinstance(exc, psycopg.Error):
+            raise translate(exc) from None
+        return False
+
+
+def check_server(conn: Conn) -> None:
+    """Refuse a server older than :data:`MIN_SERVER_VERSION` with a clear reason."""
+    version = conn.info.server_version
+    if version < MIN_SERVER_VERSION:
+        major = version // 10000
+        raise ServerUnsupported(f"PostgreSQL {major} is not supported: the rotation reads heap "
+                                "block ranges with TID range scans, which need PostgreSQL 14 "
+                                "or later")

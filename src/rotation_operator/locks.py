@@ -1,0 +1,113 @@
+"""The rotation lock: one rotator per keys table, and a loud stop when the lock is lost.
+
+A session-level advisory lock covers every transaction of a long online rotation and is
+released by PostgreSQL itself if the rotator dies (kill -9 included).  It lives on an idle
+session, and idle sessions get killed: ``idle_session_timeout``, a NAT or load balancer
+idle timer, ``pg_terminate_backend``.  Then a second rotator can take the lock while the
+first still runs.  So the session has TCP keepalives and ``idle_session_timeout = 0``, a
+heartbeat thread proves it alive every second, and the rotation checks :meth:`check`
+between batches.  What the heartbeat cannot see in time, the fence does: every batch
+proves its rotation record and key are still current (``KeyStore.check_fence``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import TracebackType
+
+import psycopg
+
+from .config import StoreConfig
+from .database import Conn, connect, first_line
+from .errors import LockHeld, LockLost
+from .keystore import KeyStore
+
+log = logging.getLogger(__name__)
+
+
+class RotationLock:
+    """``with RotationLock(dsn, cfg, wait=0) as lock: ... lock.check()``."""
+
+    def __init__(self, dsn: str, cfg: StoreConfig, *, wait: float = 0.0,
+                 heartbeat: float = 1.0) -> None:
+        self._dsn = dsn
+        self._cfg = cfg
+        self._wait = wait
+        self._interval = heartbeat
+        self._conn: Conn | None = None
+        self._key = 0
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.backend_pid = 0
+
+    def __enter__(self) -> RotationLock:
+        conn = connect(self._dsn, application_name="rotation-operator-lock")
+        try:
+            conn.execute("SET idle_session_timeout = 0")
+            self._key = KeyStore(self._cfg).lock_key(conn, "rotate")
+            self._acquire(conn)
+            self.backend_pid = conn.info.backend_pid
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._thread = threading.Thread(target=self._beat, name="rotation-lock-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _acquire(self, conn: Conn) -> None:
+        deadline = time.monotonic() + self._wait
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() >= deadline:
+                raise LockHeld(f"another rotation of {self._cfg.qualified_keys} is running "
+                               "(advisory lock held)")
+            time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+
+    def _beat(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while not self._stop.wait(self._interval):
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                self._lost = first_line(exc)
+                log.error("the session holding the rotation lock of %s is gone (%s); the "
+                          "rotation stops at its next batch", self._cfg.qualified_keys,
+                          self._lost)
+                return
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` if the lock's session died."""
+        if self._lost is not None:
+            raise LockLost(f"the session holding the rotation lock of "
+                           f"{self._cfg.qualified_keys} was lost ({self._lost}); stopped so "
+                           "that no other rotator interleaves; it resumes on the next attempt")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self._interval + 10)
+        conn = self._conn
+        self._conn = None
+        if conn is None:
+            return
+        try:
+            if not conn.closed and self._lost is None:
+                # If this fails the session ends below and PostgreSQL releases it anyway.
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        except psycopg.Error:
+            pass
+        finally:
+            conn.close()
