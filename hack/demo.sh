@@ -23,9 +23,17 @@ export KUBECACHEDIR="$STATE/kube-cache"
 k() { "$KUBECTL" "$@"; }
 k version
 
-step "an application database with 1000 legacy secrets (encrypted with the KEK directly)"
-psql "$DATABASE_URL" -qc "CREATE DATABASE demo"
-export DATABASE_URL="${DATABASE_URL%/*}/demo"
+step "an application database owned by role demo_app, and the operator's role rotation_operator (neither a superuser; grants from docs/database-roles.md)"
+ADMIN_URL="${DATABASE_URL%/*}/demo"
+psql "$DATABASE_URL" -qc "CREATE ROLE demo_app LOGIN" -c "CREATE ROLE rotation_operator LOGIN" \
+  -c "CREATE DATABASE demo OWNER demo_app"
+psql "$ADMIN_URL" -q -c "GRANT USAGE, CREATE ON SCHEMA public TO rotation_operator" \
+  -c "ALTER DEFAULT PRIVILEGES FOR ROLE rotation_operator IN SCHEMA public GRANT SELECT ON TABLES TO demo_app"
+APP_URL="${ADMIN_URL/\/\/postgres@/\/\/demo_app@}"
+OPERATOR_URL="${ADMIN_URL/\/\/postgres@/\/\/rotation_operator@}"
+export DATABASE_URL="$APP_URL"   # the application's role, for demo_app.py
+
+step "1000 legacy secrets (encrypted with the KEK directly), written by the application"
 "$PY" -c "import os; open('$STATE/kek', 'w').write(os.urandom(32).hex())"
 "$PY" hack/demo_app.py seed --rows 1000 --kek-file "$STATE/kek"
 
@@ -34,7 +42,7 @@ k apply -k manifests/
 k wait --for=condition=Established crd/encryptionpolicies.rotation-operator.io --timeout=60s
 k create namespace demo
 k -n demo create secret generic app-kek --from-file=kek="$STATE/kek"
-k -n demo create secret generic app-db --from-literal=dsn="$DATABASE_URL"
+k -n demo create secret generic app-db --from-literal=dsn="$OPERATOR_URL"
 
 step "run the operator as system:serviceaccount:rotation-operator:rotation-operator (not admin)"
 KUBECONFIG="$OPERATOR_KUBECONFIG" .venv/bin/rotation-operator run --liveness "" \
@@ -61,5 +69,5 @@ k -n demo get events --field-selector involvedObject.name=app
 
 step "proof: every secret still decrypts to what was written; audit chain intact"
 "$PY" hack/demo_app.py check --kek-file "$STATE/kek"
-.venv/bin/rotation-operator verify --kek-file "$STATE/kek"
+DATABASE_URL="$OPERATOR_URL" .venv/bin/rotation-operator verify --kek-file "$STATE/kek"
 printf '\n\033[1mdemo OK\033[0m\n'

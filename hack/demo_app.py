@@ -34,6 +34,9 @@ def main() -> int:
         if args.command == "seed":
             conn.execute("CREATE TABLE IF NOT EXISTS secrets (id bigint PRIMARY KEY, "
                          "value bytea NOT NULL, key_id integer)")
+            # The operator's role reads and rewrites these columns only (docs/database-roles.md).
+            conn.execute("GRANT SELECT (id, value, key_id, ctid, xmin), UPDATE (value, key_id) "
+                         "ON secrets TO rotation_operator")
             with conn.cursor() as cur:  # pre-envelope rows: under the KEK, key_id NULL
                 cur.executemany("INSERT INTO secrets VALUES (%s, %s, NULL)",
                                 [(i, crypto.encrypt(kek, plaintext(i)))

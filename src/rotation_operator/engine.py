@@ -62,6 +62,7 @@ ControlFn = Callable[[], None]
 STUCK_PASSES = 3
 #: Passes after the handover in which rows keep arriving under old keys before stopping.
 MAX_FINAL_PASSES = 8
+_ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ class Engine:
         if prepared is None:  # a rotation request records no baseline: it rotates
             prepared = self.prepare()
         decision = decide(request, prepared.state)
-        if decision.action not in (Action.ROTATE, Action.RESUME, Action.SWEEP):
+        # A sweep is decided on counts, which only the look under the lock takes.
+        if request.kind != "sweep" and decision.action not in _ACTS:
             return _nothing(request, options, prepared.state, decision)
         timeouts = Timeouts(int(options.lock_timeout * 1000),
                             int(options.statement_timeout * 1000))
@@ -229,7 +231,7 @@ class Engine:
             state = observe(conn, self.store, prepared.ring.active_version,
                             count=prepared.layouts if request.kind == "sweep" else ())
             decision = decide(request, state)
-            if decision.action not in (Action.ROTATE, Action.RESUME, Action.SWEEP):
+            if decision.action not in _ACTS:
                 return _nothing(request, options, state, decision)
             if options.vacuum:
                 sizes = _sizes(conn, prepared.layouts)
@@ -483,11 +485,15 @@ class _Run:
     # -- the handover --------------------------------------------------------------------
     def _handover(self) -> dict[str, Any]:
         """Wait until ``grace`` has passed since the key's announcement, then for every
-        transaction in flight at that moment to end (bounded by ``handover_timeout``).
+        transaction of this database that holds an xid at that moment to end (bounded by
+        ``handover_timeout``).
 
-        After it, a row under an old key can come only from a writer that held a
-        ciphertext made before its ring saw the new key for longer than the grace; the
-        final passes and the sweeps take care of those.
+        "That moment" is a fresh xid of our own (``pg_current_xact_id()``, committed at
+        once): every transaction assigned an xid before it is in the xip list of a snapshot
+        taken after it, and ``pg_stat_activity`` tells (without privilege) which of them
+        run in this database.  After the handover, a row under an old key can come only
+        from a writer that held a ciphertext made before its ring saw the new key for
+        longer than the grace; the final passes and the sweeps take care of those.
         """
         claim = self.claim
         assert claim is not None
@@ -496,20 +502,19 @@ class _Run:
         elapsed = float(row[0]) if row else 0.0
         waited = max(0.0, self.options.grace - elapsed)
         self.sleep(waited)
-        xips = [r[0] for r in self.conn.execute(
-            "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x").fetchall()]
-        open_now = len(xips)
+        pending = self._in_flight()
+        open_now = len(pending)
         deadline = time.monotonic() + self.options.handover_timeout
         started = time.monotonic()
-        while xips and open_now:
+        while open_now:
             left = self.conn.execute(
                 "SELECT count(*) FROM unnest(%s::xid8[]) AS x "
-                "WHERE pg_xact_status(x) = 'in progress'", (xips,)).fetchone()
+                "WHERE pg_xact_status(x) = 'in progress'", (pending,)).fetchone()
             open_now = int(left[0]) if left else 0
             if not open_now or time.monotonic() >= deadline:
                 break
             self.sleep(0.05)
-        report = {"graceSeconds": round(waited, 3), "transactions": len(xips),
+        report = {"graceSeconds": round(waited, 3), "transactions": len(pending),
                   "waitedSeconds": round(time.monotonic() - started, 3),
                   "timedOut": bool(open_now), "stillOpen": open_now}
         if open_now:
@@ -519,6 +524,19 @@ class _Run:
         with self.conn.transaction():
             self.store.add_report(self.conn, claim.record_id, {"handover": report})
         return report
+
+    def _in_flight(self) -> list[str]:
+        """xids (as text) of this database's transactions that hold one right now."""
+        row = self.conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert row is not None
+        return [r[0] for r in self.conn.execute(
+            "WITH mine AS (SELECT backend_xid AS x FROM pg_stat_activity "
+            "  WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "  AND backend_xid IS NOT NULL "
+            "  UNION SELECT transaction FROM pg_prepared_xacts "
+            "  WHERE database = current_database()) "
+            "SELECT x8::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x8 "
+            "WHERE x8 < %s::xid8 AND xid(x8) IN (SELECT x FROM mine)", (row[0],)).fetchall()]
 
     # -- atomic --------------------------------------------------------------------------
     def _atomic(self) -> tuple[int, ...]:

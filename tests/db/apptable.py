@@ -17,6 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -269,6 +270,38 @@ def make_app(dsn: str, n: int = 1000, *, targets: Iterable[Target] = (Target("se
     return app.allow_atomic() if atomic else app
 
 
+class Gate:
+    """A progress callback that parks the rotation the ``at``-th time it is called, until
+    released (the engine calls it between transactions only)."""
+
+    def __init__(self, at: int = 1) -> None:
+        self.at = at
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            self.entered.set()
+            assert self.release.wait(120), "gate never released"
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` in a daemon thread; its result or exception lands in the dict."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # reported by the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
 # -- the CLI as a subprocess --------------------------------------------------------------
 DSN_ENV, KEK_ENV = "RO_TEST_DSN", "RO_TEST_KEK"
 
@@ -287,7 +320,7 @@ def run_cli(*args: str, dsn: str, kek: bytes | None, fault: str | None = None,
         env["ROTATION_OPERATOR_FAULT"] = fault
     command, *rest = args
     argv = [sys.executable, "-m", "rotation_operator.cli", command, "--dsn-env", DSN_ENV]
-    if command in ("init", "rotate", "verify"):
+    if command in ("init", "rotate", "verify", "sweep"):
         argv += ["--kek-env", KEK_ENV]
     return subprocess.run([*argv, *rest], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False, stdin=subprocess.DEVNULL)

@@ -255,21 +255,27 @@ def test_library_ring_moves_to_the_new_key_before_a_short_rotation_finishes(
     assert read_rows(dsn, Target("secrets"))[9999][1] == active_version(dsn, app.cfg)
 
 
-def test_an_open_transaction_older_than_the_new_key_is_waited_for(dsn: str) -> None:
+@pytest.mark.parametrize("mode", ["Online", "Atomic"])
+def test_an_open_transaction_older_than_the_new_key_is_waited_for(dsn: str, mode: str) -> None:
     """A write encrypted under the old key in a transaction that commits during the
-    rotation is caught by the last pass: the rotation waits for older transactions."""
-    app = make_app(dsn, 200)
+    rotation is caught: the handover waits for the transactions in flight (in Atomic mode
+    before it locks the table, so the lock then finds the row committed)."""
+    app = make_app(dsn, 200, atomic=True)
     with Encryptor(app_dsn(dsn), app.kek) as enc, psycopg.connect(app_dsn(dsn)) as writer:
         value, kid = enc.encrypt(b"written under the old key")
         writer.execute("INSERT INTO secrets VALUES (9998, %s, %s)", (value, kid))
         # the transaction stays open while the rotation starts
         result: dict[str, object] = {}
         t = threading.Thread(target=lambda: result.update(r=app.engine().rotate(2, RotationOptions(
-            mode="Online", batch_size=100, vacuum=False, grace=0.2))))
+            mode=mode, batch_size=100, vacuum=False, grace=0.2))))  # type: ignore[arg-type]
         t.start()
-        time.sleep(1.0)
+        time.sleep(1.5)
         assert t.is_alive(), "the rotation finished while an older transaction was open"
         writer.commit()
         t.join(30)
+    res = result["r"]
+    assert isinstance(res, RotationResult) and res.handover["transactions"] == 1
     rows = read_rows(dsn, Target("secrets"))
     assert rows[9998][1] == active_version(dsn, app.cfg)
+    app.expected[app.target][9998] = b"written under the old key"
+    app.assert_rotated(keys_for_policy=[(2, 1)])

@@ -119,3 +119,14 @@ def test_parse_kek_vectors(p: dict[str, str]) -> None:
     if len(raw) >= 8:  # short inputs could collide with digits of the message by chance
         for form in (raw, raw.strip(), raw.hex().encode(), base64.b64encode(raw)):
             assert form.decode("latin-1") not in message
+
+
+def test_url_safe_vectors_really_use_the_url_safe_alphabet() -> None:
+    """The URL-safe inputs decode only with ``-`` and ``_``: a reader that ignores the
+    second alphabet fails them (and the standard twin uses ``+`` and ``/``)."""
+    by_name = {p["name"]: h(p["input"]) for p in VECTORS["parse_kek"]}
+    for name in ("base64-urlsafe", "base64-urlsafe-unpadded"):
+        assert b"-" in by_name[name] and b"_" in by_name[name]
+        assert b"+" not in by_name[name] and b"/" not in by_name[name]
+    standard = by_name["base64-standard-plus-slash"]
+    assert b"+" in standard and b"/" in standard

@@ -130,5 +130,5 @@ def refresh(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]
     """Refresh counts between rotations (applications write all the time)."""
     policy, events = _policy(body), _Events(body)
     with boundary(policy, events):
-        if not workflow.refresh(policy, events):
+        if not workflow.refresh(policy, events, operator_settings.current):
             logger.debug("refresh skipped: a reconciliation is running")

@@ -21,6 +21,8 @@ class OperatorSettings:
     refresh_interval: float = 60.0
     #: Minimum seconds between progress writes to status during a rotation.
     progress_interval: float = 2.0
+    #: Seconds between looks at a rotating policy (paused? deleted?) between batches.
+    control_interval: float = 2.0
     #: Kopf liveness endpoint (``/healthz``); empty disables it.
     liveness: str = "http://0.0.0.0:8080/healthz"
     #: Port of the Prometheus metrics endpoint; 0 disables it.
@@ -55,6 +57,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress-interval", type=_seconds(0, inclusive=True), default=None,
                    metavar="SECONDS",
                    help="minimum seconds between progress updates in status (default 2)")
+    p.add_argument("--control-interval", type=_seconds(0, inclusive=False), default=None,
+                   metavar="SECONDS",
+                   help="seconds between looks at a rotating policy for spec.rotation.paused "
+                        "or deletion (default 2)")
     p.add_argument("--max-retry-delay", type=_seconds(0, inclusive=False), default=None,
                    metavar="SECONDS",
                    help="cap on the delay before retrying after a retryable error (default: "
@@ -80,6 +86,8 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         else _env_float("REFRESH_INTERVAL", 60.0),
         progress_interval=args.progress_interval if args.progress_interval is not None
         else _env_float("PROGRESS_INTERVAL", 2.0),
+        control_interval=args.control_interval if args.control_interval is not None
+        else _env_float("CONTROL_INTERVAL", 2.0),
         max_retry_delay=args.max_retry_delay if args.max_retry_delay is not None
         else (_env_float("MAX_RETRY_DELAY", 0.0) or None),
         liveness=liveness,

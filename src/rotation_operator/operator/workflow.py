@@ -123,6 +123,8 @@ class StatusWriter:
     def __init__(self, policy: Policy):
         self.policy = policy
         self.conds = policy.conditions()
+        #: The last ``status.rotation`` this run wrote (a failure marks it Failed).
+        self.rotation: dict[str, Any] | None = None
 
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         self.conds = conditions.set_condition(self.conds, type_, status, reason, message,
@@ -131,6 +133,8 @@ class StatusWriter:
     def patch(self, fields: Mapping[str, Any] | None = None, *, with_conditions: bool = True
               ) -> None:
         body: dict[str, Any] = dict(fields or {})
+        if "rotation" in body:
+            self.rotation = dict(body["rotation"])
         if with_conditions:
             body["conditions"] = self.conds
             body["observedGeneration"] = self.policy.generation
@@ -275,7 +279,7 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
     t0 = time.monotonic()
     try:
         result = engine.execute(request, options, prepared=prepared, progress=progress,
-                                control=Control(policy))
+                                control=Control(policy, settings.control_interval))
     except RotationPaused as exc:
         writer.patch({"rotation": rotation_status(**{**base, "phase": "Paused"}, **seen,
                                                   progress=_progress(**seen),
@@ -352,7 +356,7 @@ def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> Non
         writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
 
 
-def refresh(policy: Policy, events: Reporter) -> bool:
+def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None = None) -> bool:
     """Timer: refresh counts and keys, and sweep rows found under a retired key.  False if
     a reconciliation is busy.
 
@@ -381,7 +385,8 @@ def refresh(policy: Policy, events: Reporter) -> bool:
             dsn = read_dsn(policy)
         snap = snapshot(dsn, cfg)
         if snap.retired_count and snap.running is None and not policy.paused:
-            snap = _sweep(policy, events, dsn, cfg)
+            interval = settings.control_interval if settings else 2.0
+            snap = _sweep(policy, events, cfg, interval)
     finally:
         lock.release()
     writer = StatusWriter(policy)
@@ -394,14 +399,14 @@ def refresh(policy: Policy, events: Reporter) -> bool:
     return True
 
 
-def _sweep(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig) -> Snapshot:
+def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) -> Snapshot:
     """Move rows under retired keys onto the active key, and say so."""
     dsn, kek = read_secrets(policy)
     engine = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner)
     labels = (policy.namespace, policy.name)
     metrics.rotation_started(*labels)
     try:
-        result = engine.sweep(policy.options(), control=Control(policy))
+        result = engine.sweep(policy.options(), control=Control(policy, interval))
     finally:
         metrics.rotation_ended(*labels)
     if result.performed:
@@ -423,8 +428,13 @@ def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
                      str(exc) if was_rotating else "no rotation running")
     writer.condition(DEGRADED, True, exc.reason, str(exc))
     events.warn(exc.reason, str(exc))
+    fields: dict[str, Any] = {}
+    if writer.rotation is not None and writer.rotation.get("phase") in ("Pending", "Running"):
+        # This run's rotation failed (perhaps before it started): say so, in its own terms.
+        fields["rotation"] = {**writer.rotation, "phase": "Failed", "message": str(exc),
+                              "finishedAt": conditions.now()}
     try:
-        writer.patch()
+        writer.patch(fields)
     except RotationOperatorError as second:
         log.error("could not write the failure to status: %s", second)
 
@@ -434,8 +444,9 @@ def snapshot_fields(snap: Snapshot) -> dict[str, Any]:
 
 
 def _progress(done: int, total: int) -> str:
-    pct = 100.0 * done / total if total else 100.0
-    return f"{done}/{total} ({pct:.0f}%)"
+    if not total:
+        return f"{done}/{total}"
+    return f"{done}/{total} ({100.0 * done / total:.0f}%)"
 
 
 def _summary(result: RotationResult) -> str:
