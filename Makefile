@@ -37,6 +37,9 @@ lint:
 	$(BIN)mypy
 	$(BIN)lint-imports
 	$(BIN)hadolint Dockerfile
+	promtool check rules manifests/monitoring/rules.yml
+	promtool test rules tests/monitoring/rules_test.yml
+	$(PYTHON) hack/gen_prometheusrule.py --check
 
 # A real rotation on a local control plane + PostgreSQL, with the operator running as its
 # own least-privilege identity (see hack/demo.sh).

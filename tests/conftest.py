@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.fix_cluster",
     "tests.fixtures.fix_db",
     "tests.fixtures.fix_operator",
+    "tests.fixtures.fix_hsm",
 ]
 
 _TESTS = Path(__file__).resolve().parent

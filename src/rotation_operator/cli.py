@@ -38,6 +38,7 @@ from .errors import (
     TriggerInterference,
     UnknownKeyError,
 )
+from .kek import Kek, SecretKek
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("rotation_operator.cli")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="create the key tables and key v1 if missing; "
                                        "prove the KEK unwraps the active key")
     _store_args(init, kek=True)
-    init.add_argument("--policy-version", type=int, metavar="N",
+    init.add_argument("--policy-version", type=_positive, metavar="N",
                       help="record N as the version already served (no rotation)")
     init.set_defaults(func=cmd_init)
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rotate = sub.add_parser("rotate", help="rotate to a new DEK and re-encrypt every row")
     _store_args(rotate, kek=True)
-    rotate.add_argument("--policy-version", type=int, metavar="N",
+    rotate.add_argument("--policy-version", type=_positive, metavar="N",
                         help="the policy version this rotation serves, as a spec.version bump "
                              "would (a version already served does nothing); without it, a "
                              "manual rotation that uses up no policy version")
@@ -145,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(sweep, kek=True)
     _rotation_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
+
+    rekey = sub.add_parser("rekey", help="rewrap every DEK under the current KEK (--kek...), "
+                                         "unwrapping with --previous-kek; legacy rows move "
+                                         "onto a DEK first")
+    _store_args(rekey, kek=True)
+    _rotation_args(rekey)
+    rekey.set_defaults(func=cmd_rekey)
 
     verify = sub.add_parser("verify", help="decrypt every row and check the audit chain "
                                            "(read-only); exit 1 on any failure")
@@ -205,6 +213,13 @@ def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
                             "characters or base64 (default ROTATION_OPERATOR_KEK)")
         k.add_argument("--kek-file", type=Path, metavar="PATH",
                        help="file holding the KEK (overrides --kek-env)")
+        k.add_argument("--kek", metavar="SOURCE",
+                       help="the KEK from a source (overrides both): file:PATH, env:NAME, or "
+                            "pkcs11:module=PATH,token=LABEL,key=LABEL,pin-env=NAME (or "
+                            "pin-file=PATH) for a key that never leaves an HSM")
+        k.add_argument("--previous-kek", action="append", metavar="SOURCE",
+                       help="a KEK that wrapped the keys before (repeatable, same forms): "
+                            "read during a rekey")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -215,23 +230,81 @@ def _dsn(args: argparse.Namespace) -> str:
             return text.strip()
         except OSError as exc:
             raise ConfigError(f"cannot read --dsn-file {args.dsn_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--dsn-file {args.dsn_file} is not UTF-8 text") from None
     value = os.environ.get(args.dsn_env, "").strip()
     if not value:
         raise ConfigError(f"no DSN: set ${args.dsn_env} or pass --dsn-file")
     return value
 
 
-def _kek(args: argparse.Namespace) -> bytes:
+def _kek(args: argparse.Namespace) -> Kek:
+    """The current KEK: ``--kek SOURCE``, or ``--kek-file`` / ``--kek-env``."""
+    if args.kek:
+        return kek_source(args.kek, "--kek")
     if args.kek_file:
-        try:
-            raw = args.kek_file.read_bytes()
-        except OSError as exc:
-            raise KekError(f"cannot read --kek-file {args.kek_file}: {exc.strerror}") from None
-        return crypto.parse_kek(raw, f"--kek-file {args.kek_file}")
-    value = os.environb.get(args.kek_env.encode(), b"")
+        return _kek_from_file(args.kek_file, "--kek-file")
+    return _kek_from_env(args.kek_env, "--kek-env")
+
+
+def _previous(args: argparse.Namespace) -> list[Kek]:
+    return [kek_source(text, "--previous-kek") for text in (args.previous_kek or [])]
+
+
+def _kek_from_file(path: Path, flag: str) -> Kek:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise KekError(f"cannot read {flag} {path}: {exc.strerror}") from None
+    _warn_if_text(raw, f"{flag} {path}")
+    return SecretKek(crypto.parse_kek(raw, f"{flag} {path}"), f"{flag} {path}")
+
+
+def _kek_from_env(name: str, flag: str) -> Kek:
+    value = os.environb.get(name.encode(), b"")
     if not value:
-        raise KekError(f"no KEK: set ${args.kek_env} or pass --kek-file")
-    return crypto.parse_kek(value, f"${args.kek_env}")
+        raise KekError(f"no KEK: set ${name} or pass --kek-file / --kek SOURCE")
+    _warn_if_text(value, f"${name}")
+    return SecretKek(crypto.parse_kek(value, f"${name}"), f"${name}")
+
+
+def _warn_if_text(raw: bytes, source: str) -> None:
+    if crypto.kek_looks_like_text(raw):
+        print(f"warning: the KEK from {source} is 32 printable characters, taken as raw "
+              "bytes: a passphrase-like key is weak; generate one with "
+              "`openssl rand -base64 32`", file=sys.stderr)
+
+
+def kek_source(text: str, flag: str) -> Kek:
+    """A KEK from a source spec: ``file:PATH``, ``env:NAME``, or
+    ``pkcs11:module=PATH,token=LABEL,key=LABEL,pin-env=NAME`` (or ``pin-file=PATH``)."""
+    kind, _, rest = text.partition(":")
+    if kind == "file" and rest:
+        return _kek_from_file(Path(rest), flag)
+    if kind == "env" and rest:
+        return _kek_from_env(rest, flag)
+    if kind == "pkcs11":
+        fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
+        missing = [f for f in ("module", "token", "key") if not fields.get(f)]
+        if missing or not (fields.get("pin-env") or fields.get("pin-file")):
+            raise ConfigError(f"{flag} pkcs11:... needs module=, token=, key= and pin-env= or "
+                              f"pin-file= (missing: {', '.join(missing) or 'the PIN'})")
+        from .pkcs11kek import Pkcs11Kek
+        return Pkcs11Kek(fields["module"], fields["token"], fields["key"], _pin(fields, flag))
+    raise ConfigError(f"{flag} {text.split(':', 1)[0]!r}...: expected file:PATH, env:NAME or "
+                      "pkcs11:module=...,token=...,key=...,pin-env=...")
+
+
+def _pin(fields: dict[str, str], flag: str) -> bytes:
+    if fields.get("pin-file"):
+        try:
+            return Path(fields["pin-file"]).read_bytes().strip()
+        except OSError as exc:
+            raise KekError(f"cannot read the PIN file of {flag}: {exc.strerror}") from None
+    value = os.environb.get(fields["pin-env"].encode(), b"").strip()
+    if not value:
+        raise KekError(f"no PIN: set ${fields['pin-env']} for {flag}")
+    return value
 
 
 def _config(args: argparse.Namespace) -> StoreConfig:
@@ -247,8 +320,8 @@ def _actor(args: argparse.Namespace) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    res = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args)).initialise(
-        args.policy_version)
+    res = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args),
+                 previous=_previous(args)).initialise(args.policy_version)
     print(f"active key v{res.active_version}" + (" (created)" if res.created_key else "")
           + (f"; served policy version {res.served_version}"
              if res.served_version is not None else ""))
@@ -322,10 +395,21 @@ class _ProgressBar:
             sys.stderr.write("\n")
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("policy versions start at 1")
+    return number
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args))
+    engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args),
+                    previous=_previous(args))
     bar = _ProgressBar()
     try:
         res = engine.rotate(args.policy_version, _options(args), progress=bar,
@@ -335,10 +419,31 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return _print_result(args, res)
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from .decisions import Request
+    from .engine import Engine
+
+    current = _kek(args)
+    engine = Engine(_dsn(args), _config(args), current, actor=_actor(args),
+                    previous=_previous(args))
+    res = engine.execute(Request("rekey"), _options(args), lock_wait=args.wait_lock)
+    if args.output == "json":
+        print(json.dumps({"rewrapped": list(res.rekeyed), "kekFingerprint": current.fingerprint,
+                          "activeKeyVersion": res.to_version}))
+    elif res.rekeyed:
+        print(f"rewrapped DEK {', '.join(f'v{v}' for v in res.rekeyed)} under the KEK "
+              f"{current.fingerprint} ({current.describe()}); the previous KEKs are no longer "
+              "needed")
+    else:
+        print(f"every DEK is wrapped by the KEK {current.fingerprint} already: nothing to do")
+    return EXIT_OK
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args))
+    engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args),
+                    previous=_previous(args))
     bar = _ProgressBar()
     try:
         res = engine.sweep(_options(args), progress=bar, lock_wait=args.wait_lock)
@@ -393,7 +498,7 @@ def _print_result(args: argparse.Namespace, res: Any) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .inspection import verify
 
-    rep = verify(_dsn(args), _config(args), _kek(args))
+    rep = verify(_dsn(args), _config(args), [_kek(args), *_previous(args)])
     if args.output == "json":
         print(json.dumps({"ok": rep.ok, "rows": rep.rows, "legacy": rep.legacy,
                           "perKey": rep.per_key, "failures": rep.failures,

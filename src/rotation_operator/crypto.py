@@ -148,3 +148,10 @@ def parse_kek(raw: bytes, source: str) -> bytes:
         f"{source}: a KEK must be 32 raw bytes, 64 hex characters or base64 of 32 bytes; "
         f"found {len(raw)} bytes that are none of these"
     )
+
+
+def kek_looks_like_text(raw: bytes) -> bool:
+    """True for a Secret value taken as 32 raw bytes that are all printable ASCII: a
+    passphrase-like key with far less than 256 bits of entropy (``openssl rand -hex 16``
+    gives 32 such characters).  Worth a warning, not a refusal: it may be in use."""
+    return len(raw) == KEY_SIZE and all(0x20 <= b < 0x7F for b in raw)

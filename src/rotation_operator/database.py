@@ -52,8 +52,10 @@ class Timeouts:
     statement_ms: int = 0
 
     def options(self) -> str:
+        # A rotation's connections sit idle between passes and while workers run: an
+        # idle_session_timeout set for the role must not kill them.
         return (f"-c lock_timeout={self.lock_ms} -c statement_timeout={self.statement_ms} "
-                "-c idle_in_transaction_session_timeout=0")
+                "-c idle_in_transaction_session_timeout=0 -c idle_session_timeout=0")
 
 
 def connect(dsn: str, *, autocommit: bool = True, application_name: str = "rotation-operator",
@@ -81,6 +83,14 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def raised_by_code(exc: psycopg.Error) -> bool:
+    """True for an error a trigger or function raised itself (PL/pgSQL ``RAISE``): its
+    SQLSTATE and message are whatever the author chose, so neither says it is safe."""
+    diag = exc.diag
+    return diag.source_function == "exec_stmt_raise" or (
+        diag.source_file is not None and diag.source_file.startswith("pl_"))
+
+
 def describe(exc: psycopg.Error) -> str:
     """A one-line description of a server error that cannot contain row values."""
     state = exc.sqlstate or ""
@@ -88,6 +98,10 @@ def describe(exc: psycopg.Error) -> str:
     name = type(exc).__name__
     if not state:  # a client-side or connection error: libpq's first line names no values
         return first_line(exc)
+    if raised_by_code(exc):
+        table = f" on table {diag.table_name}" if diag.table_name else ""
+        return (f"a trigger or function raised SQLSTATE {state}{table} (its message is "
+                "withheld: it may quote row values)")
     if state[:2] in _SAFE_CLASSES and diag.message_primary:
         return f"{diag.message_primary} (SQLSTATE {state})"
     where = [f"{what} {value}" for what, value in (
@@ -99,6 +113,8 @@ def describe(exc: psycopg.Error) -> str:
 def translate(exc: psycopg.Error) -> RotationOperatorError:
     """The package error for a psycopg exception, with a sanitized message."""
     text = describe(exc)
+    if raised_by_code(exc):
+        return DatabaseRejected(f"the database rejected the write: {text}")
     if isinstance(exc, psycopg.errors.LockNotAvailable):
         return LockTimeout(f"lock not granted within lock_timeout: {text}")
     if isinstance(exc, psycopg.errors.QueryCanceled):
@@ -116,8 +132,9 @@ def _connection_lost(exc: psycopg.Error) -> bool:
     """The session is gone (server restart, terminated backend, network), not the
     statement refused."""
     state = exc.sqlstate or ""
-    if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown |
-                  psycopg.errors.CannotConnectNow) or state.startswith("08"):
+    # 57P01-57P03: terminated or shutting down; 57P05: idle_session_timeout; 25P03:
+    # idle_in_transaction_session_timeout; 08: connection exceptions.
+    if state in ("57P01", "57P02", "57P03", "57P05", "25P03") or state.startswith("08"):
         return True
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not state
 

@@ -5,10 +5,12 @@ rotation lock before it acts, the operator calls it to report, the CLI through t
 The database's rotation records are the truth, not a custom resource's status: a lost
 status write, an operator restart or a re-created policy can never cause a second rotation.
 
-Requests come in three kinds: a **policy** version (``spec.version``, or the CLI's
+Requests come in four kinds: a **policy** version (``spec.version``, or the CLI's
 ``--policy-version``), a **manual** rotation (the CLI without a version: it never uses up a
-policy version), and a **sweep** (the refresh timer: move rows that slipped in under a
-retired key onto the active one, minting nothing).
+policy version), a **sweep** (the refresh timer: move rows that slipped in under a retired
+key onto the active one, minting nothing), and a **rekey** (the CLI: rewrap the DEKs under
+the current KEK, nothing else).  A rekey comes first whenever it is due: every key must be
+wrapped by the current KEK before anything else happens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-RequestKind = Literal["policy", "manual", "sweep"]
+RequestKind = Literal["policy", "manual", "sweep", "rekey"]
 
 
 class Action(Enum):
@@ -27,6 +29,7 @@ class Action(Enum):
     SWEEP = "sweep"        # move rows under retired keys onto the active key
     PAUSED = "paused"      # spec.rotation.paused: touch nothing
     BEHIND = "behind"      # spec.version is below what the database already served
+    REKEY = "rekey"        # DEKs are wrapped by another KEK than the current one: rewrap
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class State:
     running: Running | None
     #: Rows under a non-active DEK (a retired or retiring key), None when not counted.
     retired_rows: int | None = None
+    #: Some DEK is wrapped by another KEK than the current one.
+    rekey: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class Decision:
 def decide(request: Request, state: State) -> Decision:
     """The action for ``request`` in ``state``."""
     decision = _unpaused(request, state)
-    if request.paused and decision.action in (Action.ROTATE, Action.RESUME, Action.SWEEP):
+    if request.paused and decision.action in (Action.ROTATE, Action.RESUME, Action.SWEEP,
+                                              Action.REKEY):
         return Decision(Action.PAUSED, "Paused", "spec.rotation.paused is set: would have "
                         f"acted ({decision.message}); clear it to go on")
     return decision
@@ -81,6 +87,12 @@ def _unpaused(request: Request, state: State) -> Decision:
         running = None  # its key is not active any more: a new rotation supersedes it
     if request.kind == "sweep":
         return _sweep(state, running)
+    if request.kind == "rekey" and not state.rekey:
+        return Decision(Action.NONE, "KeysReady", "every DEK is wrapped by the current KEK")
+    if state.rekey:  # before anything else: every key must be readable with the current KEK
+        return Decision(Action.REKEY, "KEKRotation",
+                        "DEKs are wrapped by another KEK than the current one: rewrapping "
+                        "them under it")
     if running is not None and _resumes(request, running):
         return Decision(Action.RESUME, "RotationResumed",
                         f"resuming the interrupted {_describe(running)}", running)

@@ -14,7 +14,7 @@ Acting, under the rotation lock (:mod:`.locks`) and with a fresh look at the rec
 3. **Online**: move rows in batches (:mod:`.mover`), each its own fenced transaction; then
    the **handover**: wait until ``grace`` seconds have passed since the announcement (every
    library ring has seen the new key) and for every transaction in flight at that moment to
-   end (``pg_current_snapshot()``'s xip list, which needs no privilege); then pass again
+   end (their virtual xids in ``pg_locks``, which need no privilege); then pass again
    until a count finds no row under a non-active key; a watchdog stops passes that move
    nothing.  **Atomic**: after the same handover, one transaction locks the targets against
    writes, moves every row, and finishes: rows move all or nothing;
@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -43,14 +43,27 @@ from .database import Conn, Timeouts, check_server, connect, db_errors
 from .decisions import Action, Decision, Request, Running, State, decide
 from .errors import (
     DatabaseForbidden,
+    KekMismatchError,
     KeysTableShared,
+    LegacyNeedsRawKek,
+    LockLost,
     RotationOperatorError,
     RotationStuck,
     RowDecryptError,
     SchemaError,
 )
+from .inspection import migrated
+from .kek import Kek, as_kek
 from .keyring import KeyRing
-from .keystore import Coverage, KeyStore, RotationRecord, check_legacy_kek
+from .keystore import (
+    Coverage,
+    KeyStore,
+    RotationRecord,
+    check_legacy_kek,
+    check_no_key_ids,
+    has_legacy_rows,
+    raise_legacy_needs_raw,
+)
 from .locks import RotationLock
 from .tables import Layout, inspect
 
@@ -63,6 +76,8 @@ STUCK_PASSES = 3
 #: Passes after the handover in which rows keep arriving under old keys before stopping.
 MAX_FINAL_PASSES = 8
 _ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP)
+#: Fault points of a rekey (kill -9 tests).
+REKEY_FAULTS = ("rekey-after-legacy", "rekey-before-commit")
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,8 @@ class RotationResult:
     table_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Heaps VACUUM skipped because the role may not vacuum them (not the owner).
     vacuum_skipped: tuple[str, ...] = ()
+    #: DEK versions rewrapped under the current KEK before anything else (a rekey).
+    rekeyed: tuple[int, ...] = ()
 
 
 @dataclass
@@ -136,14 +153,20 @@ class Engine:
     ``None`` (the CLI) may use a keys table only with the targets it already covers.
     """
 
-    def __init__(self, dsn: str, cfg: StoreConfig, kek: bytes, *, actor: str,
-                 owner: str | None = None):
+    def __init__(self, dsn: str, cfg: StoreConfig, kek: bytes | Kek, *, actor: str,
+                 owner: str | None = None, previous: Sequence[bytes | Kek] = ()):
         self.dsn = dsn
         self.cfg = cfg
         self.store = KeyStore(cfg)
-        self._kek = kek
+        self._kek = as_kek(kek, "the KEK")
+        self._previous = [as_kek(p, f"previous KEK {i + 1}") for i, p in enumerate(previous)]
         self.actor = actor
         self.owner = owner
+
+    @property
+    def keks(self) -> list[Kek]:
+        """The current KEK first, then the previous ones a rekey may still need."""
+        return [self._kek, *self._previous]
 
     def __repr__(self) -> str:  # never show the DSN (password) or the KEK
         return f"Engine(keys={self.cfg.qualified_keys!r}, actor={self.actor!r})"
@@ -160,20 +183,36 @@ class Engine:
             coverage = self.store.check_coverage(conn, layouts, self.owner)
             if coverage is not None:
                 self._check_removed(conn, coverage)
-            fresh = not self.store.exists(conn)
-            if fresh:
-                check_legacy_kek(conn, self._kek, layouts)
+            first = None
+            if not self.store.exists(conn):
+                check_no_key_ids(conn, layouts, self.cfg.qualified_keys)
+                first = self._legacy_kek(conn, layouts)
             self.store.migrate(conn)
             if coverage is not None:
-                with conn.transaction():
-                    self.store.record_coverage(conn, coverage, self.actor)
-            created = self.store.ensure_active_key(conn, self._kek, self.actor,
+                self.store.record_coverage(conn, layouts, self.owner, self.actor)
+            created = self.store.ensure_active_key(conn, first or self._kek, self.actor,
                                                    policy_version, layouts)
-            ring = self.store.load_ring(conn, self._kek)
+            ring = self.store.load_ring(conn, self.keks)
+            if not ring.reads_legacy and has_legacy_rows(conn, layouts):
+                raise_legacy_needs_raw(self._kek)
             baseline = policy_version is not None and self.store.record_baseline(
                 conn, policy_version, ring.active_version, self.actor)
-            state = observe(conn, self.store, ring.active_version)
+            state = observe(conn, self.store, ring.active_version, self._kek.fingerprint)
         return Prepared(layouts, ring, state, created, baseline)
+
+    def _legacy_kek(self, conn: Conn, layouts: Sequence[Layout]) -> Kek:
+        """Before key v1 binds the keys table to a KEK: the presented KEK the legacy rows
+        were encrypted with (v1 is wrapped by it, so a rekey to the current one moves the
+        legacy rows first), or the current KEK when there are none.  Fails closed."""
+        failure: RotationOperatorError | None = None
+        for kek in self.keks:
+            try:
+                check_legacy_kek(conn, kek, layouts)
+                return kek
+            except (KekMismatchError, LegacyNeedsRawKek) as exc:
+                failure = failure or exc
+        assert failure is not None
+        raise failure
 
     def _check_removed(self, conn: Conn, coverage: Coverage) -> None:
         """A target dropped from the coverage must hold no row under these keys any more:
@@ -220,23 +259,35 @@ class Engine:
             prepared = self.prepare()
         decision = decide(request, prepared.state)
         # A sweep is decided on counts, which only the look under the lock takes.
-        if request.kind != "sweep" and decision.action not in _ACTS:
+        if request.kind != "sweep" and decision.action not in (*_ACTS, Action.REKEY):
             return _nothing(request, options, prepared.state, decision)
         timeouts = Timeouts(int(options.lock_timeout * 1000),
                             int(options.statement_timeout * 1000))
         sizes: dict[str, int] = {}
+        rekeyed: tuple[int, ...] = ()
         with db_errors(), RotationLock(self.dsn, self.cfg, wait=lock_wait,
                                        heartbeat=options.heartbeat) as lock, \
                 connect(self.dsn, timeouts=timeouts) as conn:
+            counted = prepared.layouts if request.kind == "sweep" else ()
             state = observe(conn, self.store, prepared.ring.active_version,
-                            count=prepared.layouts if request.kind == "sweep" else ())
+                            self._kek.fingerprint, counted)
             decision = decide(request, state)
+            if decision.action is Action.REKEY:  # first the KEK, then whatever else is due
+                run = _Run(self, conn, lock, prepared, options, timeouts, progress, control)
+                rekeyed = run.rekey()
+                prepared = dataclasses.replace(prepared, ring=run.ring)
+                state = observe(conn, self.store, run.ring.active_version,
+                                self._kek.fingerprint, counted)
+                decision = decide(request, state)
             if decision.action not in _ACTS:
-                return _nothing(request, options, state, decision)
+                return dataclasses.replace(_nothing(request, options, state, decision),
+                                           rekeyed=rekeyed, performed=bool(rekeyed))
             if options.vacuum:
                 sizes = _sizes(conn, prepared.layouts)
             run = _Run(self, conn, lock, prepared, options, timeouts, progress, control)
-            result = run.act(decision, request)
+            if options.mode == "Atomic" and decision.action is not Action.SWEEP:
+                run.check_lock_privilege()  # before anything is minted
+            result = dataclasses.replace(run.act(decision, request), rekeyed=rekeyed)
         faults.point("before-vacuum")
         if options.vacuum and result.re_encrypted:
             vacuumed, skipped = self._vacuum(prepared.layouts, sizes)
@@ -282,17 +333,22 @@ class Engine:
         return {name: (before[name], after[name]) for name in before}, tuple(skipped)
 
 
-def observe(conn: Conn, store: KeyStore, active: int, count: Iterable[Layout] = ()) -> State:
-    """The database's state for :func:`decide` (``count``: also count rows under retired
-    keys in these targets; a full scan, so only sweeps ask)."""
+def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = None,
+            count: Iterable[Layout] = ()) -> State:
+    """The database's state for :func:`decide` (``current_kek``: the current KEK's
+    fingerprint, to see whether a rekey is due; ``count``: also count rows under retired
+    keys in these targets, a full scan, so only sweeps ask)."""
     records = store.rotation_records(conn)
+    rekey = current_kek is not None and any(
+        k.kek_fingerprint != current_kek for k in store.list_keys(conn))
     served = max((r.requested_version for r in records
                   if r.phase in ("baseline", "done") and r.requested_version is not None),
                  default=None)
     run = next((r for r in records if r.phase == "running"), None)
     layouts = list(count)
-    retired = store.count_stale(conn, layouts, active, legacy=False) if layouts else None
-    return State(active, served, _running(run), retired)
+    retired = store.count_stale(conn, layouts, active, legacy=migrated(records)) \
+        if layouts else None
+    return State(active, served, _running(run), retired, rekey)
 
 
 def _running(record: RotationRecord | None) -> Running | None:
@@ -319,6 +375,10 @@ class _Run:
         self._control = control
         self.counter = _Counter()
         self.claim: _Claim | None = None
+        #: A sweep also moves legacy rows once a rotation has moved them (one written later
+        #: is under the KEK, not the active key), when the KEK's bytes are at hand.
+        self.sweeps_legacy = prepared.ring.reads_legacy and migrated(
+            engine.store.rotation_records(conn))
 
     # -- the steps -----------------------------------------------------------------------
     def act(self, decision: Decision, request: Request) -> RotationResult:
@@ -330,17 +390,17 @@ class _Run:
                 assert decision.running is not None
                 claim = self._resume(decision.running, mode)
             else:
-                claim = self._claim_sweep()
+                claim = self._claim_sweep(legacy=self.sweeps_legacy)
         faults.point("after-start")
         self.claim = claim = dataclasses.replace(claim, announced=self.store.announce(
             self.conn, claim.record_id, claim.fence))
-        self.ring = self.store.load_ring(self.conn, self.e._kek)
+        self.ring = self.store.load_ring(self.conn, self.e.keks)
         self.report()
         try:
             if claim.kind == "sweep":
                 handover: dict[str, Any] = {}
-                caught = self._passes(legacy=False, after_handover=False)
-                retired = self._finish(legacy=False)
+                caught = self._passes(legacy=self.sweeps_legacy, after_handover=False)
+                retired = self._finish(legacy=self.sweeps_legacy)
             elif mode == "Atomic":
                 handover = self._handover()
                 retired = self._atomic()
@@ -394,14 +454,45 @@ class _Run:
         return _Claim(record.id, fence, record.kind, record.requested_version,
                       record.from_version, record.to_version, True, datetime.min)
 
-    def _claim_sweep(self) -> _Claim:
+    def _claim_sweep(self, legacy: bool = False) -> _Claim:
         active = self.ring.active_version
-        total = self.store.count_stale(self.conn, self.layouts, active, legacy=False)
+        total = self.store.count_stale(self.conn, self.layouts, active, legacy=legacy)
         record_id, fence = self.store.claim_new(
             self.conn, kind="sweep", requested=None, mode="Online", from_version=None,
             to_version=active, actor=self.e.actor, total=total)
         self.counter.total = total
         return _Claim(record_id, fence, "sweep", None, None, active, False, datetime.min)
+
+    # -- rekey -----------------------------------------------------------------------------
+    def rekey(self) -> tuple[int, ...]:
+        """Wrap every DEK under the current KEK, unwrapping each with the previous KEK that
+        wrapped it.  Legacy rows go first (they are under the old KEK itself): a sweep that
+        moves them onto the active DEK.  Then one transaction rewraps every key, each new
+        wrap checked before it is written.  Idempotent and crash-safe: the stored
+        fingerprints say what is left."""
+        current = self.e._kek
+        if current.raw() != self.ring.kek and has_legacy_rows(self.conn, self.layouts):
+            if not self.ring.reads_legacy:
+                raise_legacy_needs_raw(current)
+            log.info("moving legacy rows onto DEK v%s before the KEK changes",
+                     self.ring.active_version)
+            with self.conn.transaction():
+                claim = self._claim_sweep(legacy=True)
+            self.claim = dataclasses.replace(claim, announced=self.store.announce(
+                self.conn, claim.record_id, claim.fence))
+            self._passes(legacy=True, after_handover=False)
+            self._finish(legacy=True)
+        faults.point("rekey-after-legacy")
+        with self.conn.transaction():
+            done = self.store.rewrap(self.conn, self.ring, current, self.e.actor)
+            if done:
+                audit.append(self.conn, self.e.cfg, "kek_rotated", actor=self.e.actor,
+                             detail={"kek_fingerprint": current.fingerprint,
+                                     "rewrapped": done})
+            faults.point("rekey-before-commit")
+        log.info("rewrapped DEKs %s under the KEK %s", done, current.fingerprint)
+        self.ring = self.store.load_ring(self.conn, self.e.keks)
+        return tuple(done)
 
     # -- moving rows ---------------------------------------------------------------------
     def _work(self, layout: Layout, heap_index: int, legacy: bool, fenced: bool
@@ -428,7 +519,7 @@ class _Run:
                 work = self._work(layout, i, legacy, fenced=True)
                 pl = mover.plan(self.conn, work)
                 if pl.blocks > 16 * pl.step and self.options.workers > 1:
-                    mover.run_parallel(self.e.dsn, self.e.cfg, work, self.e._kek, pl,
+                    mover.run_parallel(self.e.dsn, self.e.cfg, work, self.ring, pl,
                                        self.options.workers, self.timeouts, on_batch,
                                        self.checkpoint)
                     continue
@@ -485,15 +576,15 @@ class _Run:
     # -- the handover --------------------------------------------------------------------
     def _handover(self) -> dict[str, Any]:
         """Wait until ``grace`` has passed since the key's announcement, then for every
-        transaction of this database that holds an xid at that moment to end (bounded by
+        transaction open in this database at that moment to end (bounded by
         ``handover_timeout``).
 
-        "That moment" is a fresh xid of our own (``pg_current_xact_id()``, committed at
-        once): every transaction assigned an xid before it is in the xip list of a snapshot
-        taken after it, and ``pg_stat_activity`` tells (without privilege) which of them
-        run in this database.  After the handover, a row under an old key can come only
-        from a writer that held a ciphertext made before its ring saw the new key for
-        longer than the grace; the final passes and the sweeps take care of those.
+        "Every transaction" is every virtual transaction id held then (``pg_locks``, the
+        same wait ``CREATE INDEX CONCURRENTLY`` does), written or not yet, plus prepared
+        transactions; ``pg_locks`` and the ``datid`` of ``pg_stat_activity`` need no
+        privilege.  After it, a row under an old key can come only from a writer that held
+        a ciphertext made before its ring saw the new key across transactions; the final
+        passes and the sweeps take care of those.
         """
         claim = self.claim
         assert claim is not None
@@ -502,19 +593,17 @@ class _Run:
         elapsed = float(row[0]) if row else 0.0
         waited = max(0.0, self.options.grace - elapsed)
         self.sleep(waited)
-        pending = self._in_flight()
-        open_now = len(pending)
+        vxids, xids = self._in_flight()
+        total = len(vxids) + len(xids)
+        open_now = total
         deadline = time.monotonic() + self.options.handover_timeout
         started = time.monotonic()
         while open_now:
-            left = self.conn.execute(
-                "SELECT count(*) FROM unnest(%s::xid8[]) AS x "
-                "WHERE pg_xact_status(x) = 'in progress'", (pending,)).fetchone()
-            open_now = int(left[0]) if left else 0
+            open_now = self._still_open(vxids, xids)
             if not open_now or time.monotonic() >= deadline:
                 break
             self.sleep(0.05)
-        report = {"graceSeconds": round(waited, 3), "transactions": len(pending),
+        report = {"graceSeconds": round(waited, 3), "transactions": total,
                   "waitedSeconds": round(time.monotonic() - started, 3),
                   "timedOut": bool(open_now), "stillOpen": open_now}
         if open_now:
@@ -525,18 +614,29 @@ class _Run:
             self.store.add_report(self.conn, claim.record_id, {"handover": report})
         return report
 
-    def _in_flight(self) -> list[str]:
-        """xids (as text) of this database's transactions that hold one right now."""
-        row = self.conn.execute("SELECT pg_current_xact_id()::text").fetchone()
-        assert row is not None
-        return [r[0] for r in self.conn.execute(
-            "WITH mine AS (SELECT backend_xid AS x FROM pg_stat_activity "
-            "  WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "  AND backend_xid IS NOT NULL "
-            "  UNION SELECT transaction FROM pg_prepared_xacts "
-            "  WHERE database = current_database()) "
-            "SELECT x8::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x8 "
-            "WHERE x8 < %s::xid8 AND xid(x8) IN (SELECT x FROM mine)", (row[0],)).fetchall()]
+    def _in_flight(self) -> tuple[list[tuple[int, str]], list[str]]:
+        """(pid, virtual xid) of every other session of this database in a transaction now,
+        and the xids of its prepared transactions."""
+        vxids = [(int(r[0]), str(r[1])) for r in self.conn.execute(
+            "SELECT l.pid, l.virtualxid FROM pg_locks l JOIN pg_stat_activity a "
+            "ON a.pid = l.pid WHERE l.locktype = 'virtualxid' AND l.mode = 'ExclusiveLock' "
+            "AND l.granted AND a.usesysid IS NOT NULL AND a.datid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.pid <> pg_backend_pid() AND l.pid <> %s",
+            (self.lock.backend_pid,)).fetchall()]
+        xids = [str(r[0]) for r in self.conn.execute(
+            "SELECT transaction::text FROM pg_prepared_xacts "
+            "WHERE database = current_database()").fetchall()]
+        return vxids, xids
+
+    def _still_open(self, vxids: list[tuple[int, str]], xids: list[str]) -> int:
+        row = self.conn.execute(
+            "SELECT (SELECT count(*) FROM pg_locks l JOIN unnest(%s::int[], %s::text[]) "
+            "AS w(pid, vxid) ON l.pid = w.pid AND l.virtualxid = w.vxid "
+            "WHERE l.locktype = 'virtualxid' AND l.granted) + (SELECT count(*) FROM "
+            "pg_prepared_xacts WHERE transaction::text = ANY(%s::text[]))",
+            ([v[0] for v in vxids], [v[1] for v in vxids], xids)).fetchone()
+        return int(row[0]) if row else 0
 
     # -- atomic --------------------------------------------------------------------------
     def _atomic(self) -> tuple[int, ...]:
@@ -546,7 +646,6 @@ class _Run:
         claim = self.claim
         assert claim is not None
         self.checkpoint()
-        self._check_lock_privilege()
         with self.conn.transaction():
             for layout in self.layouts:  # the parent's lock covers partitions and children
                 self.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
@@ -577,7 +676,7 @@ class _Run:
         self.report(force=True)
         return retired
 
-    def _check_lock_privilege(self) -> None:
+    def check_lock_privilege(self) -> None:
         """``LOCK TABLE`` in any mode that blocks writers needs table-level UPDATE (column
         grants do not count), on the target and every partition or child it recurses to."""
         for layout in self.layouts:
@@ -620,21 +719,43 @@ class _Run:
 
     def _after(self) -> int:
         """Rows committed under a retired key while the final count ran: swept now, in a
-        sweep of their own (recorded and audited like any other)."""
+        sweep of their own (recorded and audited like any other).  Only while this rotator
+        still holds the lock, nothing else runs, and its key is still the active one; the
+        rotation itself is done either way (the refresh sweeps what is left)."""
+        try:
+            self.checkpoint()
+        except LockLost:
+            log.warning("the rotation lock was lost after the rotation finished; leaving "
+                        "rows that arrived under the old key to the next sweep")
+            return 0
+        legacy = self.ring.reads_legacy
         left = self.store.count_stale(self.conn, self.layouts, self.ring.active_version,
-                                      legacy=False)
+                                      legacy=legacy)
         if not left:
             return 0
-        log.warning("%d rows arrived under a retired key as the rotation finished; sweeping",
-                    left)
         done_before = self.counter.done
         with self.conn.transaction():
-            claim = self._claim_sweep()
+            if not self._still_ours():
+                return 0
+            log.warning("%d rows arrived under a retired key as the rotation finished; "
+                        "sweeping", left)
+            claim = self._claim_sweep(legacy=legacy)
         self.claim = dataclasses.replace(claim, announced=self.store.announce(
             self.conn, claim.record_id, claim.fence))
-        self._passes(legacy=False, after_handover=True)
-        self._finish(legacy=False)
+        self._passes(legacy=legacy, after_handover=True)
+        self._finish(legacy=legacy)
         return self.counter.done - done_before
+
+    def _still_ours(self) -> bool:
+        """In the caller's transaction: no other rotation runs and our key is active
+        (records and key locked, so the answer holds until it commits)."""
+        running = self.conn.execute(sql.SQL(
+            "SELECT id FROM {} WHERE phase = 'running' FOR UPDATE").format(
+                self.store.rotations)).fetchone()
+        active = self.conn.execute(sql.SQL(
+            "SELECT version FROM {} WHERE state = 'active' FOR SHARE").format(
+                self.store.keys)).fetchone()
+        return running is None and active is not None and active[0] == self.ring.active_version
 
     # -- plumbing ------------------------------------------------------------------------
     def checkpoint(self) -> None:

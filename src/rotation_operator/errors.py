@@ -61,6 +61,12 @@ class KekMismatchError(KekError):
     reason = "KEKMismatch"
 
 
+class LegacyNeedsRawKek(KekError):
+    """Legacy rows exist but the KEK cannot be read (it lives in an HSM)."""
+
+    reason = "LegacyRowsNeedRawKEK"
+
+
 class SecretError(RotationOperatorError):
     """A Kubernetes Secret named by the spec is missing or lacks the key."""
 
@@ -157,6 +163,14 @@ class KeysTableShared(ConfigError):
 
     reason = "KeysTableShared"
     retryable = True  # fixing either policy heals it
+    retry_delay = 60.0
+
+
+class ForeignKeyIds(ConfigError):
+    """The targets' rows carry key ids of another keys table."""
+
+    reason = "KeysTableMismatch"
+    retryable = True
     retry_delay = 60.0
 
 

@@ -8,6 +8,7 @@ say so when the keys table does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from . import audit
 from .config import StoreConfig
 from .database import Conn, connect, db_errors
 from .errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
+from .kek import Kek
 from .keystore import KeyRecord, KeyStore, RotationRecord
 from .tables import Layout, inspect
 
@@ -30,6 +32,9 @@ class KeyStatus:
     retired_at: datetime | None
     rotated_by: str
     rows: int
+    #: The stored fingerprint of the KEK that wraps it (not part of :meth:`Snapshot.summary`:
+    #: the operator names only fingerprints of KEKs it was given).
+    kek_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,9 @@ class TargetCounts:
     rows: int
     legacy: int
     stale: int
-    retired: int  # rows under a retired key (or a retiring one with no rotation running)
+    #: Rows under a retired key (or a retiring one with no rotation running), and legacy
+    #: rows once a rotation has moved them: what must not stay.
+    retired: int
 
 
 @dataclass(frozen=True)
@@ -104,11 +111,22 @@ def _layouts(conn: Conn, store: KeyStore) -> list[Layout]:
     return layouts
 
 
-def _stale_keys(keys: list[KeyRecord], running: RotationRecord | None) -> set[int]:
-    """Key versions no row may stay under: retired ones, and retiring ones when no rotation
-    is moving rows off them."""
-    return {k.version for k in keys
-            if k.state == "retired" or (k.state == "retiring" and running is None)}
+def _stale_keys(keys: list[KeyRecord], records: list[RotationRecord]) -> set[int | None]:
+    """Key ids no row may stay under: retired keys, retiring ones when no rotation is moving
+    rows off them, and the KEK itself (legacy, ``None``) once a rotation has moved the legacy
+    rows (one written after that is an application still writing without a DEK)."""
+    running = next((r for r in records if r.phase == "running"), None)
+    stale: set[int | None] = {
+        k.version for k in keys
+        if k.state == "retired" or (k.state == "retiring" and running is None)}
+    if migrated(records):
+        stale.add(None)
+    return stale
+
+
+def migrated(records: list[RotationRecord]) -> bool:
+    """Whether a rotation has finished on this keys table (legacy rows were moved then)."""
+    return any(r.phase == "done" and r.kind in ("policy", "manual") for r in records)
 
 
 def snapshot(dsn: str, cfg: StoreConfig) -> Snapshot:
@@ -122,7 +140,7 @@ def snapshot(dsn: str, cfg: StoreConfig) -> Snapshot:
             records = store.rotation_records(conn)
             running = next((r for r in records if r.phase == "running"), None)
             active = next((k.version for k in keys if k.state == "active"), None)
-            stale_keys = _stale_keys(keys, running)
+            stale_keys = _stale_keys(keys, records)
             per_key: dict[int | None, int] = {}
             targets = []
             for layout in layouts:
@@ -144,7 +162,7 @@ def snapshot(dsn: str, cfg: StoreConfig) -> Snapshot:
                             if r.phase in ("baseline", "done")
                             and r.requested_version is not None), default=None),
         keys=[KeyStatus(k.version, k.state, k.created_at, k.retired_at, k.rotated_by,
-                        per_key.get(k.version, 0)) for k in keys],
+                        per_key.get(k.version, 0), k.kek_fingerprint) for k in keys],
         targets=targets,
         last_rotation=finished[-1] if finished else None,
         running=running,
@@ -170,7 +188,8 @@ class VerifyReport:
         return not self.failures and self.audit_error is None and not self.retired
 
 
-def verify(dsn: str, cfg: StoreConfig, kek: bytes, *, max_failures: int = 100) -> VerifyReport:
+def verify(dsn: str, cfg: StoreConfig, kek: bytes | Kek | Sequence[Kek], *,
+           max_failures: int = 100) -> VerifyReport:
     """Decrypt every row of every target, find rows under retired keys, and check the
     audit chain; writes nothing."""
     store = KeyStore(cfg)
@@ -181,8 +200,7 @@ def verify(dsn: str, cfg: StoreConfig, kek: bytes, *, max_failures: int = 100) -
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             ring = store.load_ring(conn, kek)
             records = store.rotation_records(conn)
-            stale_keys = _stale_keys(store.list_keys(conn),
-                                     next((r for r in records if r.phase == "running"), None))
+            stale_keys = _stale_keys(store.list_keys(conn), records)
             for layout in layouts:
                 _verify_target(conn, layout, ring.decrypt, stale_keys, report, max_failures)
             try:
@@ -193,7 +211,7 @@ def verify(dsn: str, cfg: StoreConfig, kek: bytes, *, max_failures: int = 100) -
     return report
 
 
-def _verify_target(conn: Conn, layout: Layout, decrypt: Any, stale_keys: set[int],
+def _verify_target(conn: Conn, layout: Layout, decrypt: Any, stale_keys: set[int | None],
                    report: VerifyReport, max_failures: int) -> None:
     t = layout.target
     q = sql.SQL("SELECT {id}, {kid}, {val} FROM {t}").format(

@@ -35,7 +35,8 @@ class KeyRing:
 
     active_version: int
     deks: Mapping[int, bytes] = field(repr=False)
-    kek: bytes = field(repr=False)
+    #: The raw KEK for legacy rows; None when it cannot be read (a key in an HSM).
+    kek: bytes | None = field(repr=False)
     _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
                                               compare=False)
     _active: AESGCM = field(init=False, repr=False, compare=False)
@@ -43,7 +44,8 @@ class KeyRing:
     def __post_init__(self) -> None:
         if self.active_version not in self.deks:
             raise ValueError(f"active DEK v{self.active_version} is not in the ring")
-        self._aeads[None] = AESGCM(self.kek)
+        if self.kek is not None:
+            self._aeads[None] = AESGCM(self.kek)
         for version, dek in self.deks.items():
             self._aeads[version] = AESGCM(dek)
         object.__setattr__(self, "_active", self._aeads[self.active_version])
@@ -52,11 +54,18 @@ class KeyRing:
     def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self.deks))
 
+    @property
+    def reads_legacy(self) -> bool:
+        return self.kek is not None
+
     def aead(self, key_id: int | None) -> AESGCM:
         """The cipher for ``key_id`` (``None`` = the KEK, for legacy rows)."""
         try:
             return self._aeads[key_id]
         except KeyError:
+            if key_id is None:
+                raise UnknownKeyError("a legacy row (encrypted with the KEK itself) needs the "
+                                      "raw KEK, which this key ring does not hold") from None
             raise UnknownKeyError(f"key version {key_id} is not in the key ring") from None
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:

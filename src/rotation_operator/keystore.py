@@ -30,15 +30,19 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import audit, crypto
+from . import kek as kek_mod
 from .config import StoreConfig
 from .database import Conn
 from .errors import (
+    ForeignKeyIds,
     InvalidToken,
     KekMismatchError,
     KeysTableShared,
+    LegacyNeedsRawKek,
     RotationOperatorError,
     Superseded,
 )
+from .kek import Kek
 from .keyring import KeyRing
 from .tables import REGCLASS, Heap, Layout, regclass_arg
 
@@ -155,16 +159,25 @@ class KeyStore:
         """
         if self.schema_version(conn) == SCHEMA_VERSION:
             return
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key(conn, "migrate"),))
-            version = self.schema_version(conn)
-            if version is None:
-                self._create_v1(conn)
-                version = 1
-            if version < 2:
-                self._migrate_v2(conn)
-            conn.execute(sql.SQL("UPDATE {} SET schema_version = %s, updated_at = now()"
-                                 ).format(self.meta), (SCHEMA_VERSION,))
+        # A session lock taken *before* the transaction: the transaction then starts after
+        # a concurrent migrator committed, so its catalog lookups see that migrator's tables
+        # (an advisory lock taken inside a transaction does not refresh the catalog cache,
+        # and CREATE TABLE would then collide with a table it did not see).
+        key = self.lock_key(conn, "migrate")
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            with conn.transaction():
+                version = self.schema_version(conn)
+                if version is None:
+                    self._create_v1(conn)
+                    version = 1
+                if version < 2:
+                    self._migrate_v2(conn)
+                if version < SCHEMA_VERSION:
+                    conn.execute(sql.SQL("UPDATE {} SET schema_version = %s, updated_at = now()"
+                                         ).format(self.meta), (SCHEMA_VERSION,))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     def _create_v1(self, conn: Conn) -> None:
         # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
@@ -275,7 +288,18 @@ class KeyStore:
             f"names {ours}: give each application its own keysTable, or name the same "
             "targets")
 
-    def record_coverage(self, conn: Conn, coverage: Coverage, actor: str) -> None:
+    def record_coverage(self, conn: Conn, layouts: Sequence[Layout], owner: str | None,
+                        actor: str) -> None:
+        """Check the coverage again and record it, atomically: the meta row is locked, so
+        of two policies that raced past the read-only check only one records its targets
+        and the other is refused here."""
+        with conn.transaction():
+            conn.execute(sql.SQL("SELECT 1 FROM {} FOR UPDATE").format(self.meta))
+            coverage = self.check_coverage(conn, layouts, owner)
+            if coverage is not None:
+                self._record_coverage(conn, coverage, actor)
+
+    def _record_coverage(self, conn: Conn, coverage: Coverage, actor: str) -> None:
         conn.execute(sql.SQL("UPDATE {} SET owner = %s, targets = %s, updated_at = now()"
                              ).format(self.meta),
                      (coverage.owner, Jsonb(list(coverage.targets))))
@@ -291,14 +315,14 @@ class KeyStore:
         ).fetchall()
         return [KeyRecord(r[0], bytes(r[1]), *r[2:]) for r in rows]
 
-    def insert_key(self, conn: Conn, kek: bytes, *, version: int, actor: str,
+    def insert_key(self, conn: Conn, kek: Kek, *, version: int, actor: str,
                    policy_version: int | None) -> None:
         """Mint a DEK, wrap it, store it as the active key (caller retires the old one)."""
-        wrapped = crypto.wrap_dek(kek, crypto.new_key(), version)
+        wrapped = kek.wrap(crypto.new_key(), version)
         conn.execute(sql.SQL(
             "INSERT INTO {keys} (version, wrapped_dek, kek_fingerprint, state, rotated_by, "
             "policy_version) VALUES (%s, %s, %s, 'active', %s, %s)").format(keys=self.keys),
-            (version, wrapped, crypto.kek_fingerprint(kek), actor, policy_version))
+            (version, wrapped, kek.fingerprint, actor, policy_version))
         audit.append(conn, self.cfg, "key_created", key_version=version, actor=actor,
                      detail={"policy_version": policy_version})
 
@@ -321,7 +345,7 @@ class KeyStore:
             audit.append(conn, self.cfg, "key_retired", key_version=v, actor=actor)
         return versions
 
-    def ensure_active_key(self, conn: Conn, kek: bytes, actor: str,
+    def ensure_active_key(self, conn: Conn, kek: Kek, actor: str,
                           policy_version: int | None, layouts: Sequence[Layout]) -> bool:
         """Create key v1 when the table has no key at all; True if it did.
 
@@ -333,6 +357,7 @@ class KeyStore:
                                        "FROM {keys}").format(keys=self.keys)).fetchone()
             total, active = row if row else (0, 0)
             if total == 0:
+                check_no_key_ids(conn, layouts, self.cfg.qualified_keys)
                 check_legacy_kek(conn, kek, layouts)
                 self.insert_key(conn, kek, version=1, actor=actor, policy_version=policy_version)
                 return True
@@ -342,33 +367,59 @@ class KeyStore:
                     "it was edited by hand: restore it from backup")
             return False
 
-    def load_ring(self, conn: Conn, kek: bytes) -> KeyRing:
-        """Unwrap every stored DEK; fail closed with :class:`KekMismatchError`.
+    def load_ring(self, conn: Conn, keks: Kek | bytes | Sequence[Kek]) -> KeyRing:
+        """Unwrap every stored DEK with whichever presented KEK wrapped it (the current
+        one, or a previous one during a rekey); fail closed with :class:`KekMismatchError`.
 
         Every key is checked, not only the active one: rows (and backups) may reference any.
-        Messages name only the fingerprint of the KEK presented, never the stored one (a
-        stored fingerprint would let a guessed, low-entropy KEK be checked offline).
+        Messages name only the fingerprints of the KEKs presented, never a stored one (it
+        would let a guessed, low-entropy KEK be checked offline).  The ring reads legacy
+        rows with the raw bytes of the KEK that wraps the keys, when they can be read.
         """
+        presented = _keks(keks)
         keys = self.list_keys(conn)
         active = [k.version for k in keys if k.state == "active"]
         if not active:
             raise RotationOperatorError(
                 f"keys table {self.cfg.qualified_keys} has no active key")
-        fingerprint = crypto.kek_fingerprint(kek)
         deks: dict[int, bytes] = {}
         # The active key first, so the error names the key that matters most.
         for k in sorted(keys, key=lambda k: (k.state != "active", -k.version)):
-            if k.kek_fingerprint != fingerprint:
+            kek = kek_mod.find(presented, k.kek_fingerprint)
+            if kek is None:
+                which = "the KEK presented" if len(presented) == 1 else "none of the KEKs presented"
                 raise KekMismatchError(
-                    f"the KEK presented (fingerprint {fingerprint}) is not the one that "
-                    f"wrapped DEK v{k.version}")
+                    f"{which} (fingerprint {kek_mod.fingerprints(presented)}) is not the one "
+                    f"that wrapped DEK v{k.version}")
             try:
-                deks[k.version] = crypto.unwrap_dek(kek, k.wrapped_dek, k.version)
+                deks[k.version] = kek.unwrap(k.wrapped_dek, k.version)
             except InvalidToken:
                 raise KekMismatchError(
                     f"wrapped DEK v{k.version} does not unwrap under the KEK although the "
                     "fingerprints match: the keys table was altered") from None
-        return KeyRing(active[0], deks, kek)
+        return KeyRing(active[0], deks, legacy_kek(keys, presented))
+
+    def rewrap(self, conn: Conn, ring: KeyRing, current: Kek, actor: str) -> list[int]:
+        """Wrap every DEK not yet under ``current`` with it, in the caller's transaction;
+        each new wrap is unwrapped and compared before it is written.  Returns the
+        versions rewrapped (none when all are under ``current`` already: idempotent)."""
+        done = []
+        for k in self.list_keys(conn):
+            if k.kek_fingerprint == current.fingerprint:
+                continue
+            dek = ring.deks[k.version]
+            wrapped = current.wrap(dek, k.version)
+            if current.unwrap(wrapped, k.version) != dek:
+                raise KekMismatchError(f"the new KEK did not give back DEK v{k.version} "
+                                       "after wrapping it; nothing was written")
+            conn.execute(sql.SQL(
+                "UPDATE {keys} SET wrapped_dek = %s, kek_fingerprint = %s "
+                "WHERE version = %s AND kek_fingerprint = %s").format(keys=self.keys),
+                (wrapped, current.fingerprint, k.version, k.kek_fingerprint))
+            audit.append(conn, self.cfg, "key_rewrapped", key_version=k.version, actor=actor,
+                         detail={"kek_fingerprint": current.fingerprint})
+            done.append(k.version)
+        return done
 
     # -- rotation records ----------------------------------------------------------------
     def rotation_records(self, conn: Conn) -> list[RotationRecord]:
@@ -530,7 +581,53 @@ def stale_condition(layout: Layout, legacy: bool) -> sql.Composed:
     return sql.SQL("{kid} <> %(active)s").format(kid=kid)
 
 
-def check_legacy_kek(conn: Conn, kek: bytes, layouts: Sequence[Layout],
+def legacy_kek(keys: Sequence[KeyRecord], presented: Sequence[Kek]) -> bytes | None:
+    """The raw KEK legacy rows are under: the one that wraps the keys (legacy rows are
+    moved onto a DEK before a rekey changes that), if its bytes can be read."""
+    wrapping = {k.kek_fingerprint for k in keys}
+    for kek in presented:
+        if kek.fingerprint in wrapping and kek.extractable:
+            return kek.raw()
+    return None
+
+
+def _keks(keks: Kek | bytes | Sequence[Kek]) -> list[Kek]:
+    if isinstance(keks, bytes | bytearray):
+        return [kek_mod.as_kek(bytes(keks))]
+    if isinstance(keks, kek_mod.Kek):
+        return [keks]
+    return list(keks)
+
+
+def check_no_key_ids(conn: Conn, layouts: Sequence[Layout], keys_table: str) -> None:
+    """Refuse to start a keys table over rows that already carry key ids: they were written
+    under another keys table (a changed keysTable, another application's), and a new v1
+    here would make their ids mean other keys; a rotation would then move nothing and
+    retire keys that nothing can replace."""
+    for layout in layouts:
+        kid = sql.Identifier(layout.target.key_id_column)
+        row = conn.execute(sql.SQL(
+            "SELECT {kid} FROM {t} WHERE {kid} IS NOT NULL LIMIT 1").format(
+                kid=kid, t=layout.ident)).fetchone()
+        if row is not None:
+            raise ForeignKeyIds(
+                f"{layout.display} has rows under key id {row[0]}, but keys table {keys_table} "
+                "holds no key: those rows were written under another keys table (was "
+                "spec.database.keysTable changed?); point the policy at that keys table, or "
+                "rotate there first")
+
+
+def has_legacy_rows(conn: Conn, layouts: Sequence[Layout]) -> bool:
+    """Whether any target holds a legacy row (key id NULL)."""
+    for layout in layouts:
+        row = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {t} WHERE {kid} IS NULL)").format(
+            t=layout.ident, kid=sql.Identifier(layout.target.key_id_column))).fetchone()
+        if row and row[0]:
+            return True
+    return False
+
+
+def check_legacy_kek(conn: Conn, kek: Kek, layouts: Sequence[Layout],
                      sample: int = LEGACY_SAMPLE) -> None:
     """Before key v1 binds the keys table to ``kek``, prove it is the KEK the legacy rows
     were encrypted with: one sampled row that decrypts is proof (a corrupt row among the
@@ -541,6 +638,11 @@ def check_legacy_kek(conn: Conn, kek: bytes, layouts: Sequence[Layout],
     wrong key, and the right KEK would be refused from then on.
     """
     tried: list[str] = []
+    raw = kek.raw()
+    if raw is None:
+        if has_legacy_rows(conn, layouts):
+            raise_legacy_needs_raw(kek)
+        return
     for layout in layouts:
         t = layout.target
         q = sql.SQL("SELECT {id}, {val} FROM {t} WHERE {kid} IS NULL LIMIT %s").format(
@@ -548,16 +650,23 @@ def check_legacy_kek(conn: Conn, kek: bytes, layouts: Sequence[Layout],
             kid=sql.Identifier(t.key_id_column), t=layout.ident)
         for row_id, value in conn.execute(q, (sample,)).fetchall():
             try:
-                crypto.decrypt(kek, bytes(value))
+                crypto.decrypt(raw, bytes(value))
                 return
             except InvalidToken:
                 tried.append(f"{t.name}:{row_id}")
     if tried:
         shown = ", ".join(tried[:5]) + (", ..." if len(tried) > 5 else "")
         raise KekMismatchError(
-            f"the KEK presented (fingerprint {crypto.kek_fingerprint(kek)}) decrypts none of "
+            f"the KEK presented (fingerprint {kek.fingerprint}) decrypts none of "
             f"the {len(tried)} legacy rows sampled (legacy row {shown}); refusing to create "
             "DEK v1 under it")
+
+
+def raise_legacy_needs_raw(kek: Kek) -> None:
+    raise LegacyNeedsRawKek(
+        f"legacy rows (key id NULL) are encrypted with the KEK itself, and {kek.describe()} "
+        "does not let its bytes out: move them onto a DEK first with the KEK in a Secret "
+        "(spec.kek, or among spec.previousKeks while it rekeys), then use the HSM key")
 
 
 def _ident(schema: str | None, name: str) -> sql.Identifier:

@@ -1,7 +1,8 @@
 """What applications import: encrypt and decrypt with the keys the operator manages.
 
     from rotation_operator.library import Encryptor
-    enc = Encryptor(dsn, kek)                 # the same KEK the operator reads
+    enc = Encryptor(dsn, kek)                 # the same KEK the operator reads (bytes, or
+                                              # a Kek: pkcs11kek.Pkcs11Kek for an HSM)
     value, key_id = enc.encrypt(b"api-token")  # store both columns together
     plaintext = enc.decrypt(value, key_id)     # key_id None: a legacy (KEK) row
 
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from psycopg import sql
 
 from .config import KEYS_TABLE, StoreConfig, Target, identifier
 from .database import Conn, connect, db_errors
-from .errors import UnknownKeyError
+from .errors import DatabaseUnavailable, UnknownKeyError
+from .kek import Kek, as_kek
 from .keyring import KeyRing
 from .keystore import KeyStore
 
@@ -30,13 +33,16 @@ from .keystore import KeyStore
 class Encryptor:
     """A cached key ring bound to one keys table."""
 
-    def __init__(self, dsn: str, kek: bytes, *, keys_table: str = "encryption_keys",
-                 schema: str | None = None, max_age: float = 1.0):
+    def __init__(self, dsn: str, kek: bytes | Kek, *, keys_table: str = "encryption_keys",
+                 schema: str | None = None, max_age: float = 1.0,
+                 previous: Sequence[bytes | Kek] = ()):
         identifier(keys_table, "keys table", KEYS_TABLE)
         # The store only needs a config for its table names; targets are irrelevant here.
         self._store = KeyStore(StoreConfig([Target("_unused")], keys_table, schema))
         self._dsn = dsn
-        self._kek = kek
+        # During a rekey the DEKs flip from the previous KEK to the current one in one
+        # transaction: a ring given both reads them before and after.
+        self._kek = [as_kek(kek), *(as_kek(p) for p in previous)]
         self.max_age = max_age
         self._lock = threading.Lock()
         self._conn: Conn | None = None
@@ -61,8 +67,13 @@ class Encryptor:
     def refresh(self) -> KeyRing:
         """Reload the whole ring from the database (fail closed on a wrong KEK)."""
         with self._lock:
-            with db_errors():
-                ring = self._store.load_ring(self._connection(), self._kek)
+            try:
+                with db_errors():
+                    ring = self._store.load_ring(self._connection(), self._kek)
+            except DatabaseUnavailable:  # dropped while idle: once more, on a new session
+                self._reset()
+                with db_errors():
+                    ring = self._store.load_ring(self._connection(), self._kek)
             self._ring, self._checked = ring, time.monotonic()
             return ring
 
@@ -89,13 +100,31 @@ class Encryptor:
         if time.monotonic() - self._checked < self.max_age:
             return ring
         with self._lock:
-            with db_errors():
-                row = self._connection().execute(sql.SQL(
-                    "SELECT version FROM {} WHERE active").format(self._store.keys)).fetchone()
-            self._checked = time.monotonic()
+            asked = time.monotonic()  # the answer is at least as fresh as the question
+            row = self._query(sql.SQL("SELECT version FROM {} WHERE active").format(
+                self._store.keys))
+            self._checked = asked
         if row and row[0] != ring.active_version:
             return self.refresh()
         return ring
+
+    def _query(self, query: sql.Composed) -> Any:
+        """One row of ``query``; a connection dropped while idle (idle_session_timeout, a
+        proxy, a restarted server) is reopened once before giving up."""
+        for attempt in (1, 2):
+            try:
+                with db_errors():
+                    return self._connection().execute(query).fetchone()
+            except DatabaseUnavailable:
+                if attempt == 2:
+                    raise
+                self._reset()
+        return None
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _connection(self) -> Conn:
         if self._conn is None or self._conn.closed or self._conn.broken:

@@ -31,9 +31,13 @@ the rotation over, or mints a newer key, locks them ``FOR UPDATE`` and so waits 
 in flight, and every later batch of the old rotator sees it has been fenced off.  (Workers'
 progress increments do not conflict with each other's ``KEY SHARE``.)
 
-Memory: a batch is bounded by rows *and* bytes.  Where one block range would hold more
-value bytes than ``max_batch_bytes`` (large, TOASTed values pack many rows per block), the
-range is read in ``ORDER BY ctid LIMIT n`` slices, ``n`` adapting to the bytes seen.
+Memory: a batch is bounded by rows *and* bytes.  Values stored inline live inside the heap
+pages, so a range of ``max_batch_bytes / 8 KiB`` blocks cannot hold more; that bound is
+exact.  Once a heap has TOASTed values (its TOAST relation is not empty), a block can point
+at any amount of data, so every batch is cut by a running sum of ``octet_length(value)``
+(the raw length, read from the TOAST pointer without fetching the value): the server
+returns rows of a block range, in ctid order, only until the budget is reached, and the
+next batch starts after the last ctid returned.
 """
 
 from __future__ import annotations
@@ -137,8 +141,8 @@ class Plan:
 
     blocks: int
     step: int  # blocks per batch
-    #: Rows per slice when a block range holds more bytes than a batch may (0: no slicing).
-    slice_rows: int = 0
+    #: The heap has TOASTed values: cut each range by a running sum of value bytes.
+    bounded: bool = False
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         """[lo, hi) block ranges covering the heap, ``step`` blocks each."""
@@ -172,7 +176,14 @@ class BatchMover:
         select = ("SELECT tidsend(ctid), {kid}, {val}, xidsend(xmin) FROM ONLY {h} "
                   "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}")
         self.select = sql.SQL(select).format(**names)
-        self.select_slice = sql.SQL(select + " ORDER BY ctid LIMIT %(n)s").format(**names)
+        # Rows in ctid order while the bytes before each stay under the budget (the first
+        # row always comes): memory is bounded whatever the values' sizes.
+        self.select_bounded = sql.SQL(
+            "SELECT c, k, v, x FROM (SELECT tidsend(ctid) AS c, {kid} AS k, {val} AS v, "
+            "xidsend(xmin) AS x, ctid AS t, sum(octet_length({val})) OVER (ORDER BY ctid "
+            "ROWS UNBOUNDED PRECEDING) - octet_length({val}) AS before FROM ONLY {h} "
+            "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}) s "
+            "WHERE before < %(budget)s ORDER BY t LIMIT %(n)s").format(**names)
         self.row_id = sql.SQL("SELECT {id} FROM ONLY {h} WHERE ctid = %(c)s::tid").format(**names)
         update = ("UPDATE ONLY {h} AS r SET {val} = u.v, {kid} = %(active)s "
                   "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
@@ -185,7 +196,6 @@ class BatchMover:
             "(r.{val} = u.v AND r.{kid} IS NOT DISTINCT FROM %(active)s) AS ok) "
             "SELECT count(*), count(*) FILTER (WHERE NOT ok), "
             "(array_agg(id::text) FILTER (WHERE NOT ok))[1] FROM w").format(**names)
-        self._slice = max(1, work.batch_size)
 
     def _row_id(self, cur: psycopg.Cursor[Any], ctid: bytes) -> object:
         """The id of the row at a raw ctid (only to name a bad row in the error)."""
@@ -193,10 +203,10 @@ class BatchMover:
         row = cur.execute(self.row_id, {"c": f"({block},{offset})"}).fetchone()
         return row[0] if row else f"ctid ({block},{offset})"
 
-    def run(self, conn: Conn, lo: str, hi: str, limit: int = 0
+    def run(self, conn: Conn, lo: str, hi: str, bounded: bool = False
             ) -> tuple[int, int, int, bytes | None]:
-        """Move rows with ``lo <= ctid < hi`` (at most ``limit`` of them, in ctid order,
-        when ``limit``) in the caller's transaction.
+        """Move rows with ``lo <= ctid < hi`` in the caller's transaction (``bounded``: only
+        the first ones in ctid order that fit the byte budget, and at most ``batch_size``).
 
         Returns (moved, legacy moved, rows read, ctid of the last row read).  Raises
         :class:`RowDecryptError` before writing anything if one row is bad.
@@ -205,9 +215,9 @@ class BatchMover:
         register_types(conn)  # three dict entries: cheaper than remembering it was done
         params: dict[str, Any] = {"lo": lo, "hi": hi, "active": active}
         with conn.cursor(binary=True) as cur:
-            if limit:
-                params["n"] = limit
-                rows = cur.execute(self.select_slice, params).fetchall()
+            if bounded:
+                params.update(budget=self.work.max_batch_bytes, n=self.work.batch_size)
+                rows = cur.execute(self.select_bounded, params).fetchall()
             else:
                 rows = cur.execute(self.select, params).fetchall()
             if not rows:
@@ -237,38 +247,29 @@ class BatchMover:
             else:
                 cur.execute(self.update, args)
                 moved = cur.rowcount
-            read_bytes = sum(len(v) for v in olds)
-        self._adapt(len(rows), read_bytes)
         # Rows changed concurrently were skipped; the legacy tally is exact when none was.
         return moved, legacy if moved == len(rows) else min(legacy, moved), len(rows), ctids[-1]
 
-    def _adapt(self, rows: int, read_bytes: int) -> None:
-        """Size the next slice so it holds about ``max_batch_bytes``."""
-        if rows:
-            per_row = max(1, read_bytes // rows)
-            self._slice = max(1, min(self.work.batch_size,
-                                     self.work.max_batch_bytes // per_row))
-
     def move_range(self, conn: Conn, plan: Plan, lo: int, hi: int, *, own_tx: bool,
                    on_batch: BatchFn) -> None:
-        """Move the rows of blocks [lo, hi): one batch, or slices of at most
-        ``max_batch_bytes`` each; ``own_tx``: every batch in its own fenced transaction."""
+        """Move the rows of blocks [lo, hi): one batch, or (a bounded plan) batches of at
+        most ``max_batch_bytes`` each; ``own_tx``: every batch in its own fenced
+        transaction."""
         start, end = f"({lo},0)", f"({hi},0)"
         while True:
-            limit = self._slice if plan.slice_rows else 0
             if own_tx:
-                moved, legacy, read, last = self._fenced(conn, start, end, limit)
+                moved, legacy, read, last = self._fenced(conn, start, end, plan.bounded)
             else:
-                moved, legacy, read, last = self.run(conn, start, end, limit)
+                moved, legacy, read, last = self.run(conn, start, end, plan.bounded)
             if read:
                 on_batch(moved, legacy, read)
             faults.point("after-batch")
-            if not limit or last is None or read < limit:
+            if not plan.bounded or last is None:
                 return
             block, offset = struct.unpack(">IH", last)
             start = f"({block},{offset + 1})"
 
-    def _fenced(self, conn: Conn, lo: str, hi: str, limit: int
+    def _fenced(self, conn: Conn, lo: str, hi: str, bounded: bool
                 ) -> tuple[int, int, int, bytes | None]:
         """One batch in its own transaction, fenced, retried on deadlocks with
         application transactions."""
@@ -279,7 +280,7 @@ class BatchMover:
                 with conn.transaction():
                     self.store.check_fence(conn, fence.record_id, fence.token,
                                            fence.key_version)
-                    result = self.run(conn, lo, hi, limit)
+                    result = self.run(conn, lo, hi, bounded)
                     if result[0]:
                         self.store.add_progress(conn, fence.record_id, result[0])
                     return result
@@ -292,13 +293,17 @@ class BatchMover:
 
 
 def plan(conn: Conn, work: Work) -> Plan:
-    """Heap size in blocks, blocks per batch for about ``batch_size`` rows and at most
-    ``max_batch_bytes`` of values, and whether block ranges must be sliced."""
-    heap, t = work.heap, work.layout.target
+    """Heap size in blocks, blocks per batch for about ``batch_size`` rows, and whether the
+    heap's values may exceed what its pages hold (TOAST): then batches are cut by bytes."""
+    heap = work.heap
     row = conn.execute(
         "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int, c.reltuples, "
-        "c.relpages FROM pg_class c WHERE c.oid = %s", (heap.oid,)).fetchone()
-    blocks, reltuples, relpages = (int(row[0]), float(row[1]), int(row[2])) if row else (0, 0, 0)
+        "c.relpages, CASE WHEN c.reltoastrelid = 0 THEN 0 "
+        "ELSE pg_relation_size(c.reltoastrelid) END, current_setting('block_size')::int "
+        "FROM pg_class c WHERE c.oid = %s", (heap.oid,)).fetchone()
+    blocks, reltuples, relpages, toast, block_size = (
+        int(row[0]), float(row[1]), int(row[2]), int(row[3]), int(row[4])
+    ) if row else (0, 0.0, 0, 0, 8192)
     if blocks == 0:
         return Plan(0, 1)
     if relpages > 0 and reltuples > 0:
@@ -307,21 +312,16 @@ def plan(conn: Conn, work: Work) -> Plan:
         count = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(heap.ident)
                              ).fetchone()
         per_block = (count[0] if count else 0) / max(blocks, 1)
-    size = conn.execute(sql.SQL(
-        "SELECT avg(octet_length(v)) FROM (SELECT {val} AS v FROM ONLY {h} LIMIT 2000) s"
-    ).format(val=sql.Identifier(t.value_column), h=heap.ident)).fetchone()
-    row_bytes = float(size[0]) if size and size[0] is not None else 64.0
-    per_block = max(per_block, 1.0)
-    by_rows = work.batch_size / per_block
-    by_bytes = work.max_batch_bytes / (per_block * row_bytes)
-    if by_bytes < 1.0:  # one block holds more than a batch may: slice each block
-        rows = max(1, min(work.batch_size, int(work.max_batch_bytes // row_bytes)))
-        return Plan(blocks, 1, rows)
-    return Plan(blocks, max(1, int(min(by_rows, by_bytes))))
+    by_rows = max(1, int(work.batch_size / max(per_block, 1.0)))
+    if toast:
+        return Plan(blocks, by_rows, bounded=True)
+    # Inline values live in the pages: this many blocks cannot hold more than the budget.
+    by_bytes = max(1, work.max_batch_bytes // block_size)
+    return Plan(blocks, min(by_rows, by_bytes))
 
 
 # -- parallel workers --------------------------------------------------------------------
-def run_parallel(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, workers: int,
+def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan, workers: int,
                  timeouts: Timeouts, on_batch: BatchFn, between: Callable[[], None]) -> None:
     """Move one heap's rows with ``workers`` processes sharing one queue of block ranges.
 
@@ -336,6 +336,9 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, w
     checks); whatever it raises stops them.
     """
     ctx = mp.get_context("spawn")
+    # The unwrapped keys travel to the workers over the spawn pipe (never a log or an
+    # argument): a KEK in an HSM cannot be handed to another process at all.
+    material = (ring.active_version, dict(ring.deks), ring.kek)
     results: Any = ctx.Queue()
     tasks: Any = ctx.Queue()
     for block_range in pl.ranges():
@@ -343,7 +346,8 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, w
     for _ in range(workers):
         tasks.put(None)
     procs = [ctx.Process(target=_worker, daemon=True, name=f"rotation-worker-{i}",
-                         args=(dsn, cfg, work, kek, pl, timeouts, tasks, os.getpid(), results))
+                         args=(dsn, cfg, work, material, pl, timeouts, tasks, os.getpid(),
+                               results))
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -376,13 +380,14 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, w
         tasks.close()
 
 
-def _worker(dsn: str, cfg: StoreConfig, work: Work, kek: bytes, pl: Plan, timeouts: Timeouts,
+def _worker(dsn: str, cfg: StoreConfig, work: Work,
+            material: tuple[int, dict[int, bytes], bytes | None], pl: Plan, timeouts: Timeouts,
             tasks: Any, parent: int, results: Any) -> None:
     try:
         store = KeyStore(cfg)
         with db_errors(), connect(dsn, application_name="rotation-operator-worker",
                                   timeouts=timeouts) as conn:
-            mover = BatchMover(work, store.load_ring(conn, kek), store)
+            mover = BatchMover(work, KeyRing(*material), store)
 
             def report(moved: int, legacy: int, read: int) -> None:
                 results.put(("batch", moved, legacy, read))

@@ -207,6 +207,15 @@ def _check_row_security(conn: Conn, rels: list[int], target: Target) -> None:
 def _check_privileges(conn: Conn, parent: int, members: list[tuple[int, str, str]],
                       target: Target, writes: bool) -> None:
     """Name the first missing grant, with the statement that fixes it."""
+    schemas = sorted({schema for _, schema, _ in members} if writes else set())
+    if schemas:
+        row = conn.execute(
+            "SELECT s, current_user FROM unnest(%s::text[]) AS s "
+            "WHERE NOT has_schema_privilege(s, 'USAGE') LIMIT 1", (schemas,)).fetchone()
+        if row is not None:
+            raise DatabaseForbidden(f"role {row[1]} lacks USAGE on schema {row[0]}, which holds "
+                                    f"rows of {target.name}: GRANT USAGE ON SCHEMA {row[0]} "
+                                    f"TO {row[1]}")
     t = target
     read = (t.id_column, t.value_column, t.key_id_column)
     checks: list[tuple[int, str, str, str]] = [

@@ -307,11 +307,14 @@ DSN_ENV, KEK_ENV = "RO_TEST_DSN", "RO_TEST_KEK"
 
 
 def run_cli(*args: str, dsn: str, kek: bytes | None, fault: str | None = None,
-            timeout: float = 120, kek_form: str = "hex") -> subprocess.CompletedProcess[str]:
+            timeout: float = 120, kek_form: str = "hex",
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m rotation_operator.cli <args>`` with the DSN and KEK in environment
     variables named by ``--dsn-env``/``--kek-env`` (passed here only for commands that
     take them), and ``ROTATION_OPERATOR_FAULT`` set to ``fault``."""
+    extra = dict(env or {})
     env = {k: v for k, v in os.environ.items() if k != "ROTATION_OPERATOR_FAULT"}
+    env.update(extra)
     env[DSN_ENV] = dsn
     if kek is not None:
         env[KEK_ENV] = kek.hex() if kek_form == "hex" else (
@@ -320,7 +323,7 @@ def run_cli(*args: str, dsn: str, kek: bytes | None, fault: str | None = None,
         env["ROTATION_OPERATOR_FAULT"] = fault
     command, *rest = args
     argv = [sys.executable, "-m", "rotation_operator.cli", command, "--dsn-env", DSN_ENV]
-    if command in ("init", "rotate", "verify", "sweep"):
+    if command in ("init", "rotate", "verify", "sweep", "rekey"):
         argv += ["--kek-env", KEK_ENV]
     return subprocess.run([*argv, *rest], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False, stdin=subprocess.DEVNULL)

@@ -477,7 +477,7 @@ def test_a_check_violation_from_a_trigger_is_sanitized(dsn: str) -> None:
         with pytest.raises(DatabaseRejected) as info:
             app.engine().rotate(2, options)
         text = f"{info.value} {info.value!r}"
-        assert "CheckViolation" in text and "23514" in text
+        assert "a trigger or function raised SQLSTATE 23514" in text
         assert "DETAIL" not in text and "app-secret" not in text and "Failing row" not in text
 
 
@@ -493,9 +493,9 @@ def test_statement_timeout_stops_a_rotation_statement(dsn: str) -> None:
 
 
 def test_large_values_keep_memory_flat(dsn: str) -> None:
-    """2,000 rows of 64 kB (128 MB of values): batches bounded by bytes keep every process
-    of the rotation small.  ``wait4`` reports the largest resident set among the CLI and
-    its workers."""
+    """3,000 small rows, then 2,000 rows of 64 kB (128 MB of values): batches bounded by
+    bytes keep every process of the rotation small, even where the first rows suggest small
+    values.  ``wait4`` reports the largest resident set among the CLI and its workers."""
     create_table(dsn)
     kek = crypto.new_key()
     cfg = StoreConfig([Target("secrets")])
@@ -504,6 +504,8 @@ def test_large_values_keep_memory_flat(dsn: str) -> None:
     big = os.urandom(32 * 1024).hex().encode()  # 64 kB, incompressible
     with psycopg.connect(app_dsn(dsn)) as conn, conn.cursor() as cur, cur.copy(
             "COPY secrets (id, value, key_id) FROM STDIN") as copy:
+        for i in range(3000):
+            copy.write_row((100_000 + i, ring.encrypt(b"small")[0], 1))
         for i in range(2000):
             copy.write_row((i, ring.encrypt(big)[0], 1))
     env = {k: v for k, v in os.environ.items() if k != "ROTATION_OPERATOR_FAULT"}
@@ -516,13 +518,13 @@ def test_large_values_keep_memory_flat(dsn: str) -> None:
     stdout, stderr = proc.communicate()
     assert os.waitstatus_to_exitcode(status) == 0, stderr
     peak_mb = usage.ru_maxrss / 1024
-    print(f"\npeak RSS rotating 2000 x 64 kB: {peak_mb:.0f} MB")
+    print(f"\npeak RSS rotating 3000 small + 2000 x 64 kB rows: {peak_mb:.0f} MB")
     assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
-    assert b"2000 rows re-encrypted" in stdout
+    assert b"5000 rows re-encrypted" in stdout
     rows = read_rows(dsn, Target("secrets"))
     assert {k for _, k in rows.values()} == {2}
     ring = load_ring(dsn, cfg, kek)
-    assert all(ring.decrypt(v, k) == big for v, k in list(rows.values())[:50])
+    assert all(ring.decrypt(rows[i][0], 2) == big for i in range(0, 2000, 97))
 
 
 # -- truthful state (finding 11) ----------------------------------------------------------------
@@ -542,3 +544,184 @@ def test_a_corrupt_legacy_row_is_a_bad_row_not_a_wrong_kek(dsn: str) -> None:
                                         "under the KEK") as info:
         Engine(dsn, cfg, kek, actor="t").rotate(2, DEFAULTS)
     assert getattr(info.value, "reason", "") == "RowDecryptFailed"
+
+
+# -- found by review: each reproduced first, then fixed -------------------------------------
+def test_a_new_keys_table_over_rows_of_another_is_refused(dsn: str) -> None:
+    """Changing keysTable over rows that carry the old table's key ids would mint a v1
+    whose ids collide with theirs: a rotation then moves nothing and no row decrypts."""
+    app = make_app(dsn, 200)
+    app.engine().rotate(2, DEFAULTS.replace(grace=0.0))
+    before = dump(dsn)
+    other = StoreConfig(app.cfg.targets, keys_table="other_keys")
+    for call in (lambda: Engine(dsn, other, app.kek, actor="t").initialise(1),
+                 lambda: Engine(dsn, other, app.kek, actor="t").rotate(3)):
+        with pytest.raises(Exception, match="rows under key id 2, but keys table other_keys "
+                                            "holds no key") as info:
+            call()
+        assert getattr(info.value, "reason", "") == "KeysTableMismatch"
+    proc = run_cli("rotate", "--keys-table", "other_keys", dsn=dsn, kek=app.kek)
+    assert proc.returncode == 2 and "[KeysTableMismatch]" in proc.stderr
+    assert dump(dsn) == before
+
+
+def test_a_transaction_that_reads_first_and_writes_late_is_waited_for(dsn: str) -> None:
+    """Encrypts right after the new key appears, reads, and INSERTs only after the grace
+    (no xid yet when the handover starts), then commits: its virtual transaction id is
+    waited for all the same."""
+    app = make_app(dsn, 300)
+    gate = Gate(at=1)
+    with Encryptor(app_dsn(dsn), app.kek) as enc, psycopg.connect(app_dsn(dsn)) as writer:
+        enc.encrypt(b"warm the ring")
+        rotation, out = in_thread(lambda: app.engine().rotate(2, DEFAULTS, progress=gate))
+        assert gate.entered.wait(30)
+        value, kid = enc.encrypt(b"app-secret-read-then-write")
+        assert kid == 1, "setup: the ring already saw the new key"
+        writer.execute("SELECT count(*) FROM secrets")  # a transaction, no xid
+        gate.release.set()
+        time.sleep(3.5)  # past the grace: the handover has started and must wait for us
+        writer.execute("INSERT INTO secrets VALUES (9005, %s, %s)", (value, kid))
+        time.sleep(3)
+        assert rotation.is_alive(), "the rotation did not wait for an open transaction"
+        writer.commit()
+        rotation.join(60)
+    assert "error" not in out, out
+    assert out["result"].handover["transactions"] >= 1
+    assert read_rows(dsn, app.target)[9005][1] == 2
+    app.expected[app.target][9005] = b"app-secret-read-then-write"
+    app.assert_rotated(keys_for_policy=[(2, 1)])
+
+
+def test_two_policies_racing_on_a_fresh_database_one_wins(dsn: str,
+                                                         make_database: Any) -> None:
+    """Both pass the read-only coverage check at once: the meta row's lock lets exactly one
+    record its targets; the other is refused, and neither trips over the other's tables."""
+    import threading
+
+    for _ in range(4):
+        db = make_database()
+        create_table(db, Target("secrets"))
+        create_table(db, Target("orders"))
+        kek = crypto.new_key()
+        barrier = threading.Barrier(2)
+        outs = []
+        for owner, table in (("EncryptionPolicy ns/a", "secrets"),
+                             ("EncryptionPolicy ns/b", "orders")):
+            def run(owner: str = owner, table: str = table, db: str = db, kek: bytes = kek,
+                    barrier: threading.Barrier = barrier) -> object:
+                barrier.wait()
+                return Engine(db, StoreConfig([Target(table)]), kek, actor=owner,
+                              owner=owner).initialise(1)
+            outs.append(in_thread(run))
+        for t, _ in outs:
+            t.join(60)
+        errors = [out.get("error") for _, out in outs]
+        assert sum(e is None for e in errors) == 1, errors
+        assert [type(e).__name__ for e in errors if e is not None] == ["KeysTableShared"]
+
+
+def test_a_rotator_that_lost_its_lock_does_not_sweep_over_the_one_that_took_over(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finishes, stalls (a GC pause), loses its lock session; B rotates to v3; then A
+    wakes for its post-finish sweep: it must not claim anything."""
+    from rotation_operator import engine as engine_mod
+
+    app = make_app(dsn, 500)
+    original = engine_mod._Run._after
+    calls = {"n": 0}
+
+    def stalled(self: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:  # A's: kill its lock session and let B run to the end
+            with psycopg.connect(admin_dsn(dsn), autocommit=True) as admin:  # superuser:
+                admin.execute(  # only it may end another role's session
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s",
+                    (self.lock.backend_pid,))
+            time.sleep(1.5)  # A's heartbeat notices
+            app.engine(actor="B").rotate(3, DEFAULTS.replace(grace=0.0), lock_wait=30)
+        return original(self)
+
+    monkeypatch.setattr(engine_mod._Run, "_after", stalled)
+    res = app.engine(actor="A").rotate(2, DEFAULTS.replace(grace=0.0))
+    assert res.performed and res.swept_after == 0
+    with psycopg.connect(dsn) as conn:
+        phases = [(r.kind, r.requested_version, r.phase)
+                  for r in app.engine().store.rotation_records(conn)]
+    assert phases == [("policy", 2, "done"), ("policy", 3, "done")]
+    app.assert_rotated()
+
+
+def test_a_partition_in_a_schema_without_usage_is_named_before_any_write(dsn: str) -> None:
+    _as_app(dsn, "CREATE SCHEMA archive",
+            "CREATE TABLE secrets (id bigint, value bytea NOT NULL, key_id int) "
+            "PARTITION BY LIST (id)",
+            "CREATE TABLE archive.secrets_p1 PARTITION OF secrets FOR VALUES IN (1)")
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
+        grant_target(conn, sql.Identifier("secrets"))
+        grant_target(conn, sql.Identifier("archive", "secrets_p1"))  # but no USAGE
+    before = dump(dsn)
+    proc = run_cli("init", dsn=dsn, kek=crypto.new_key())
+    assert proc.returncode == 2 and "lacks USAGE on schema archive" in proc.stderr, proc.stderr
+    assert "GRANT USAGE ON SCHEMA archive TO ro_operator" in proc.stderr
+    assert dump(dsn) == before
+
+
+def test_atomic_without_its_grant_is_refused_before_a_key_is_minted(dsn: str) -> None:
+    app = make_app(dsn, 50)  # column grants only
+    before = dump(dsn)
+    proc = run_cli("rotate", "--policy-version", "2", "--mode", "Atomic", dsn=dsn, kek=app.kek)
+    assert proc.returncode == 2 and "table-level UPDATE" in proc.stderr, proc.stderr
+    assert dump(dsn) == before
+
+
+def test_a_trigger_raising_with_any_sqlstate_never_shows_its_message(dsn: str) -> None:
+    app = make_app(dsn, 20)
+    _as_app(dsn, "ALTER TABLE secrets ADD COLUMN owner_email text DEFAULT 'user13@example.com'",
+            "CREATE FUNCTION no_rewrite() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege', "
+            "MESSAGE = 'secret of ' || OLD.owner_email || ' is frozen'; END $$",
+            "CREATE TRIGGER no_rewrite BEFORE UPDATE ON secrets FOR EACH ROW "
+            "EXECUTE FUNCTION no_rewrite()")
+    proc = run_cli("rotate", "--policy-version", "2", dsn=dsn, kek=app.kek)
+    assert proc.returncode == 3 and "[DatabaseRejected]" in proc.stderr, proc.stderr
+    assert "user13@example.com" not in proc.stderr + proc.stdout
+    assert "SQLSTATE 42501" in proc.stderr and "withheld" in proc.stderr
+
+
+def test_idle_session_timeout_kills_no_rotation_connection(dsn: str) -> None:
+    """A role-level idle_session_timeout (set by the superuser: ALTER ROLE ... IN DATABASE
+    for another role needs it) must not kill the rotation's connections while workers run,
+    nor make the library fail after an idle period."""
+    app = make_app(dsn, 3000)
+    _as_app(dsn, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$ BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$",
+            "CREATE TRIGGER slow BEFORE UPDATE ON secrets FOR EACH ROW EXECUTE FUNCTION slow()")
+    dbname = dsn.rsplit("/", 1)[1]
+    with psycopg.connect(admin_dsn(dsn), autocommit=True) as admin:
+        for role in ("ro_operator", "ro_app"):
+            admin.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET idle_session_timeout = "
+                                  "'1s'").format(sql.Identifier(role), sql.Identifier(dbname)))
+    res = app.engine().rotate(2, DEFAULTS.replace(workers=2, grace=0.0))
+    assert res.performed
+    app.assert_rotated()
+    with Encryptor(app_dsn(dsn), app.kek) as enc:
+        enc.encrypt(b"x")
+        time.sleep(2.5)  # the server ends the idle session meanwhile
+        value, kid = enc.encrypt(b"app-secret-after-idle")
+        assert enc.decrypt(value, kid) == b"app-secret-after-idle"
+
+
+def test_a_legacy_row_written_after_a_rotation_is_reported_and_swept(dsn: str) -> None:
+    app = make_app(dsn, 100)
+    app.engine().rotate(2, DEFAULTS.replace(grace=0.0))
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # an old app, no DEKs
+        conn.execute("INSERT INTO secrets VALUES (9006, %s, NULL)",
+                     (crypto.encrypt(app.kek, b"app-secret-legacy-late"),))
+    app.expected[app.target][9006] = b"app-secret-legacy-late"
+    assert inspection.snapshot(dsn, app.cfg).retired_count == 1
+    report = inspection.verify(dsn, app.cfg, app.kek)
+    assert not report.ok and report.retired == {"legacy": 1}
+    res = app.engine().sweep(DEFAULTS)
+    assert res.performed and res.re_encrypted == 1
+    app.assert_rotated()
+    assert inspection.verify(dsn, app.cfg, app.kek).ok

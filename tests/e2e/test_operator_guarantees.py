@@ -157,7 +157,7 @@ def test_a_check_violation_in_atomic_mode_is_reported_without_detail(
     ready = app.condition("Ready", obj)
     degraded = app.condition("Degraded", obj)
     assert ready is not None and degraded is not None
-    assert "CheckViolation" in ready["message"]
+    assert "a trigger or function raised SQLSTATE 23514" in ready["message"]
     events = app.wait_event("DatabaseRejected", "Warning")
     _assert_no_detail(ready["message"], degraded["message"], *(e["message"] for e in events),
                       json.dumps(obj["status"]))

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-READY, ROTATING, DEGRADED = "Ready", "Rotating", "Degraded"
-_ORDER = (READY, ROTATING, DEGRADED)
+READY, ROTATING, DEGRADED, KEK_WEAK = "Ready", "Rotating", "Degraded", "KEKWeak"
+_ORDER = (READY, ROTATING, DEGRADED, KEK_WEAK)
 MAX_MESSAGE = 1024
 
 

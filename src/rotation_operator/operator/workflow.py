@@ -35,8 +35,9 @@ from ..errors import (
     RotationPaused,
 )
 from ..inspection import Snapshot, snapshot
+from ..kek import Kek, SecretKek
 from . import conditions, kube, metrics
-from .conditions import DEGRADED, READY, ROTATING
+from .conditions import DEGRADED, KEK_WEAK, READY, ROTATING
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _busy: dict[tuple[str, str], threading.Lock] = {}
 _busy_guard = threading.Lock()
 #: Ready reasons the refresh timer may clear once counts can be read again.
 _TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden", "KubernetesUnavailable")
-_ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP)
+_ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP, Action.REKEY)
 #: Every field of ``status.rotation``: each write names all of them (None deletes one in a
 #: merge patch), so the object always describes the one rotation it names.
 ROTATION_FIELDS = ("phase", "kind", "mode", "policyVersion", "fromVersion", "toVersion", "done",
@@ -170,15 +171,63 @@ class Control:
                                  "batches; clear it to resume")
 
 
-def read_secrets(policy: Policy) -> tuple[str, bytes]:
-    kek_ref = (policy.spec.get("kek") or {}).get("secretRef") or {}
+@dataclass
+class Keks:
+    """The policy's KEKs as read now: the current one, the previous ones, and the sources
+    whose bytes look like text (a weak, passphrase-like KEK)."""
+
+    current: Kek
+    previous: list[Kek]
+    weak: list[str]
+
+    @property
+    def all(self) -> list[Kek]:
+        return [self.current, *self.previous]
+
+    def close(self) -> None:
+        for kek in self.all:
+            close = getattr(kek, "close", None)
+            if close is not None:
+                close()
+
+
+def read_keks(policy: Policy) -> Keks:
+    """``spec.kek`` and ``spec.previousKeks``, from Secrets or PKCS#11 tokens."""
+    spec = policy.spec.get("kek") or {}
+    weak: list[str] = []
+    current = _kek(policy, spec, "spec.kek", weak)
+    previous = [_kek(policy, item, f"spec.previousKeks[{i}]", weak)
+                for i, item in enumerate(policy.spec.get("previousKeks") or [])]
+    return Keks(current, previous, weak)
+
+
+def _kek(policy: Policy, source: Mapping[str, Any], where: str, weak: list[str]) -> Kek:
+    ns = policy.namespace
+    ref = source.get("secretRef") or {}
+    if ref.get("name"):
+        key = ref.get("key", "kek")
+        raw = kube.read_secret(ns, ref["name"], key, "KEK")
+        described = f"Secret {ns}/{ref['name']} key {key}"
+        if crypto.kek_looks_like_text(raw):
+            weak.append(described)
+        return SecretKek(crypto.parse_kek(raw, described), described)
+    hsm = source.get("pkcs11") or {}
+    pin_ref = hsm.get("pinSecretRef") or {}
+    if not (hsm.get("module") and hsm.get("tokenLabel") and hsm.get("keyLabel")
+            and pin_ref.get("name")):
+        raise ConfigError(f"{where} needs secretRef.name, or pkcs11 with module, tokenLabel, "
+                          "keyLabel and pinSecretRef.name")
+    pin = kube.read_secret(ns, pin_ref["name"], pin_ref.get("key", "pin"), "HSM PIN")
+    from ..pkcs11kek import Pkcs11Kek  # the PKCS#11 binding only where it is used
+    return Pkcs11Kek(hsm["module"], hsm["tokenLabel"], hsm["keyLabel"], pin.strip())
+
+
+def read_secrets(policy: Policy) -> tuple[str, Keks]:
     db_ref = (policy.spec.get("database") or {}).get("secretRef") or {}
-    if not kek_ref.get("name") or not db_ref.get("name"):
-        raise ConfigError("spec.kek.secretRef.name and spec.database.secretRef.name are required")
-    kek_key = kek_ref.get("key", "kek")
-    raw = kube.read_secret(policy.namespace, kek_ref["name"], kek_key, "KEK")
-    kek = crypto.parse_kek(raw, f"Secret {policy.namespace}/{kek_ref['name']} key {kek_key}")
-    return read_dsn(policy), kek
+    if not db_ref.get("name"):
+        raise ConfigError("spec.database.secretRef.name is required")
+    keks = read_keks(policy)  # the KEK first: its absence is the likelier mistake
+    return read_dsn(policy), keks
 
 
 def read_dsn(policy: Policy) -> str:
@@ -217,20 +266,35 @@ def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
         writer.patch({"rotation": rotation_status(phase="Pending", policyVersion=desired,
                                                   startedAt=conditions.now())})
     cfg, options = policy.store_config(), policy.options()
-    dsn, kek = read_secrets(policy)
-    engine = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner)
+    dsn, keks = read_secrets(policy)
+    try:
+        return _reconcile(policy, settings, events, writer, dsn, keks, cfg, options)
+    finally:
+        keks.close()
+
+
+def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
+               writer: StatusWriter, dsn: str, keks: Keks, cfg: StoreConfig,
+               options: RotationOptions) -> str:
+    desired = policy.desired
+    engine = Engine(dsn, cfg, keks.current, actor=policy.actor, owner=policy.owner,
+                    previous=keks.previous)
     request = Request("policy", desired, policy.paused)
     result: RotationResult | None = None
     with policy_lock(policy):
         prepared = engine.prepare(desired)
         decision = decide(request, prepared.state)
         try:
-            for _ in range(2):  # a resumed rotation of another kind, then this one's own
+            for _ in range(3):  # a rekey or a resumed rotation of another kind, then this one's
                 if decision.action not in _ACTS:
                     break
                 result = _rotate(policy, settings, events, writer, engine, options, decision,
                                  request, prepared)
-                if decision.action is not Action.RESUME or result.requested_version == desired:
+                if decision.action is Action.REKEY and result.performed and \
+                        result.decision is not None and result.decision.action in _ACTS:
+                    break  # the rekey was followed by the rotation it made room for
+                if decision.action not in (Action.RESUME, Action.REKEY) or \
+                        result.requested_version == desired:
                     break
                 prepared = engine.prepare(desired)
                 decision = decide(request, prepared.state)
@@ -240,7 +304,10 @@ def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
             log.info("%s/%s: %s", policy.namespace, policy.name, exc)
             return str(exc)
         snap = snapshot(dsn, cfg)
-    _write_ready(policy, writer, snap, result, decision)
+    if result is not None and result.rekeyed:
+        events.info("KEKRotated", f"rewrapped DEK {', '.join(f'v{v}' for v in result.rekeyed)} "
+                                  f"under the KEK {keks.current.fingerprint}")
+    _write_ready(policy, writer, snap, result, decision, keks)
     return decision.message if result is None else _summary(result)
 
 
@@ -250,12 +317,17 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
     started = conditions.now()
     labels = (policy.namespace, policy.name)
     sweep = decision.action is Action.SWEEP
-    if not sweep:
+    rekey = decision.action is Action.REKEY
+    if rekey:
+        writer.condition(ROTATING, True, "Rekeying", decision.message)
+        writer.condition(READY, False, "Rekeying", decision.message)
+    elif not sweep:
         events.info("RotationStarted", f"{decision.message} ({options.mode} mode, batches of "
                                        f"{options.batch_size})")
         writer.condition(ROTATING, True, "RotationRunning", decision.message)
         writer.condition(READY, False, "Rotating", f"rotating to version {policy.desired}")
-    base = {"phase": "Running", "kind": "sweep" if sweep else "policy", "mode": options.mode,
+    kind = "sweep" if sweep else "rekey" if rekey else "policy"
+    base = {"phase": "Running", "kind": kind, "mode": options.mode,
             "policyVersion": None if sweep else policy.desired, "startedAt": started}
     writer.patch({"rotation": rotation_status(**base, done=0, total=0,
                                               progress=_progress(0, 0))})
@@ -298,8 +370,13 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
     metrics.DURATION.labels(*labels).observe(time.monotonic() - t0)
     metrics.ROWS.labels(*labels).inc(result.re_encrypted)
     metrics.ROTATIONS.labels(*labels, "succeeded" if result.performed else "noop").inc()
+    rotated = _rotated(result)
+    if result.decision is not None and result.decision.action is Action.SWEEP:
+        kind = "sweep"
+    elif rotated:
+        kind = result.kind
     writer.patch({"rotation": rotation_status(**{
-        **base, "phase": "Succeeded" if result.performed else "Skipped", "kind": result.kind,
+        **base, "phase": "Succeeded" if result.performed else "Skipped", "kind": kind,
         "policyVersion": result.requested_version, "fromVersion": result.from_version,
         "toVersion": result.to_version, "done": result.re_encrypted,
         "total": result.re_encrypted,
@@ -310,9 +387,11 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
         "handover": result.handover or None, "caughtInHandover": result.caught_in_handover,
         "sweptAfter": result.swept_after})},
         with_conditions=False)
-    if sweep:
+    if kind == "sweep":
         events.warn("StaleRowsSwept", _summary(result))
-    else:
+    elif rotated:
+        if rekey:  # a rekey made room for this rotation: it started only now
+            events.info("RotationStarted", result.decision.message if result.decision else "")
         events.info("RotationFinished", _summary(result))
         if result.swept_after or result.caught_in_handover:
             events.info("OldKeyWritesCaught",
@@ -322,9 +401,15 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
     return result
 
 
+def _rotated(result: RotationResult) -> bool:
+    """Whether ``result`` includes a rotation (not only a rekey or a sweep)."""
+    return result.performed and result.decision is not None and \
+        result.decision.action in (Action.ROTATE, Action.RESUME)
+
+
 def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
-                 result: RotationResult | None, decision: Decision) -> None:
-    performed = result is not None and result.performed and result.kind != "sweep"
+                 result: RotationResult | None, decision: Decision, keks: Keks) -> None:
+    performed = result is not None and _rotated(result)
     if decision.action is Action.BEHIND:
         writer.condition(READY, False, decision.reason, decision.message)
         writer.condition(ROTATING, False, "Idle", "no rotation running")
@@ -332,14 +417,23 @@ def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
         writer.condition(READY, False, "Paused", decision.message)
         writer.condition(ROTATING, False, "Paused", decision.message)
     else:
-        text = _summary(result) if performed and result is not None else (
+        rekeyed = result is not None and bool(result.rekeyed)
+        text = _summary(result) if result is not None and (performed or rekeyed) else (
             f"active key v{snap.active_version}; {decision.message}")
-        writer.condition(READY, True, "RotationSucceeded" if performed else "KeysReady", text)
+        reason = "RotationSucceeded" if performed else "KEKRotated" if rekeyed else "KeysReady"
+        writer.condition(READY, True, reason, text)
         writer.condition(ROTATING, False, "Idle", "no rotation running")
     _degraded(writer, snap, clear_other=True)
+    if keks.weak:
+        writer.condition(KEK_WEAK, True, "KEKLooksLikeText",
+                         f"the KEK from {', '.join(keks.weak)} is 32 printable characters, "
+                         "taken as raw bytes: a passphrase-like key is far weaker than 256 bits; "
+                         "generate one with `openssl rand -base64 32` and rekey to it")
+    elif conditions.get(writer.conds, KEK_WEAK) is not None:
+        writer.condition(KEK_WEAK, False, "KEKRandom", "the KEK does not look like text")
     # Metrics first: whoever sees the status (kubectl wait) may scrape right after.
     metrics.observe_counts(policy.namespace, policy.name, snap)
-    writer.patch(snapshot_fields(snap))
+    writer.patch({**snapshot_fields(snap), **kek_fields(snap, keks)})
 
 
 def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> None:
@@ -347,8 +441,9 @@ def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> Non
     ``clear_other``: also clear a Degraded set by an earlier failure."""
     if snap.retired_count and snap.running is None:
         writer.condition(DEGRADED, True, "RowsUnderRetiredKey",
-                         f"{snap.retired_count} rows are under a retired key (written by an "
-                         "application with a stale key ring); the refresh sweeps them onto "
+                         f"{snap.retired_count} rows are under a retired key, or under the KEK "
+                         "itself after a rotation (written by an application with a stale key "
+                         "ring, or one that does not use DEKs); the refresh sweeps them onto "
                          f"DEK v{snap.active_version}")
         return
     current = conditions.get(writer.conds, DEGRADED) or {}
@@ -377,8 +472,12 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
     try:
         healed = False
         if transient:
-            dsn, kek = read_secrets(policy)
-            prepared = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner).prepare()
+            dsn, keks = read_secrets(policy)
+            try:
+                prepared = Engine(dsn, cfg, keks.current, actor=policy.actor,
+                                  owner=policy.owner, previous=keks.previous).prepare()
+            finally:
+                keks.close()
             healed = prepared.state.served is not None and \
                 prepared.state.served >= policy.desired
         else:
@@ -395,20 +494,22 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
                                                    "database and Secrets reachable again")
     _degraded(writer, snap, clear_other=healed)
     metrics.observe_counts(policy.namespace, policy.name, snap)
-    writer.patch(snapshot_fields(snap))
+    writer.patch({**snapshot_fields(snap), **kek_fields_from_status(snap, policy.status)})
     return True
 
 
 def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) -> Snapshot:
     """Move rows under retired keys onto the active key, and say so."""
-    dsn, kek = read_secrets(policy)
-    engine = Engine(dsn, cfg, kek, actor=policy.actor, owner=policy.owner)
+    dsn, keks = read_secrets(policy)
+    engine = Engine(dsn, cfg, keks.current, actor=policy.actor, owner=policy.owner,
+                    previous=keks.previous)
     labels = (policy.namespace, policy.name)
     metrics.rotation_started(*labels)
     try:
         result = engine.sweep(policy.options(), control=Control(policy, interval))
     finally:
         metrics.rotation_ended(*labels)
+        keks.close()
     if result.performed:
         metrics.ROWS.labels(*labels).inc(result.re_encrypted)
         events.warn("StaleRowsSwept", _summary(result))
@@ -443,6 +544,34 @@ def snapshot_fields(snap: Snapshot) -> dict[str, Any]:
     return {**snap.summary(), "lastRefreshed": conditions.now()}
 
 
+def kek_fields(snap: Snapshot, keks: Keks) -> dict[str, Any]:
+    """``status.kek`` and each key's ``kek``: only fingerprints of KEKs presented are named
+    (a stored fingerprint of an unknown KEK would let guesses be checked offline)."""
+    return _kek_fields(snap, {k.fingerprint for k in keks.all}, keks.current.fingerprint,
+                       keks.current.describe())
+
+
+def kek_fields_from_status(snap: Snapshot, status: Mapping[str, Any]) -> dict[str, Any]:
+    """The same from what the status already shows (the refresh reads no KEK): the current
+    fingerprint, and the fingerprints already named, which were all presented once."""
+    kek = status.get("kek") or {}
+    current = kek.get("fingerprint")
+    if not current:
+        return {}
+    shown = {k.get("kek") for k in status.get("keys") or []} - {None, "unknown"}
+    return _kek_fields(snap, {current, *shown}, current, str(kek.get("source") or ""))
+
+
+def _kek_fields(snap: Snapshot, presented: set[str], current: str, source: str
+                ) -> dict[str, Any]:
+    keys = snap.summary()["keys"]
+    for key, status in zip(keys, snap.keys, strict=True):
+        key["kek"] = status.kek_fingerprint if status.kek_fingerprint in presented else "unknown"
+    needed = any(k.kek_fingerprint != current for k in snap.keys)
+    return {"keys": keys, "kek": {"fingerprint": current, "source": source,
+                                  "previousKeksNeeded": needed}}
+
+
 def _progress(done: int, total: int) -> str:
     if not total:
         return f"{done}/{total}"
@@ -450,6 +579,10 @@ def _progress(done: int, total: int) -> str:
 
 
 def _summary(result: RotationResult) -> str:
+    if result.rekeyed and not _rotated(result) and result.kind != "sweep":
+        return (f"rewrapped DEK {', '.join(f'v{v}' for v in result.rekeyed)} under the new "
+                "KEK" + (f"; {result.re_encrypted} legacy rows moved onto a DEK first"
+                         if result.re_encrypted else ""))
     if not result.performed:
         return (result.decision.message if result.decision else
                 f"version {result.requested_version} already served (key v{result.to_version})")

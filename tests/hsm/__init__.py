@@ -1,0 +1,1 @@
+"""Tests of the PKCS#11 KEK provider against a private SoftHSM2 token (``softhsm`` fixture)."""
