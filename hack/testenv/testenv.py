@@ -706,6 +706,28 @@ class Postgres:
         except (TestEnvError, subprocess.TimeoutExpired):
             self._pg_ctl("stop", "-w", "-t", "30", "-m", "immediate", timeout=40)
 
+    def start_standby(self, state_dir: Path) -> Postgres:
+        """A streaming standby of this server in ``state_dir``: ``pg_basebackup -R`` (the
+        primary's default ``wal_level=replica`` and the ``host replication`` trust line
+        initdb writes suffice), then its own port and socket, started and caught up."""
+        standby = Postgres(state_dir, fast=self.fast, pg_bin=self.pg_bin, port=free_port())
+        standby.base.mkdir(parents=True, exist_ok=True)
+        standby.socket_dir.mkdir(exist_ok=True)
+        if standby.os_user:
+            pw = pwd.getpwnam(standby.os_user)
+            for p in (standby.base, standby.socket_dir):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+        _run([self._tool("pg_basebackup"), "-D", str(standby.data_dir), "-h", "127.0.0.1",
+              "-p", str(self.port), "-U", "postgres", "-R", "-X", "stream",
+              "--checkpoint=fast", "--no-sync"], as_user=self.os_user, timeout=300)
+        with open(standby.data_dir / "postgresql.conf", "a") as conf:
+            conf.write("\n# rotation-operator testenv standby\n"
+                       f"port = {standby.port}\n"
+                       f"unix_socket_directories = '{standby.socket_dir}'\n"
+                       "hot_standby = on\n")
+        standby._pg_ctl("start", "-w", "-t", "60", "-l", str(standby.log))
+        return standby
+
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run SQL through psql as the superuser (stdlib only, no driver needed)."""
         return psql(self.dsn_for(dbname), sql, pg_bin=Path(self._tool("psql")).parent)

@@ -30,6 +30,7 @@ from .errors import (
     DatabaseForbidden,
     InternalError,
     KekError,
+    KeyInUse,
     RotationCancelled,
     RotationOperatorError,
     RotationPaused,
@@ -80,7 +81,7 @@ def as_package_error(exc: BaseException) -> RotationOperatorError:
 
 #: Problems with the data itself: a human must look at rows.
 _DATA_ERRORS = (RowDecryptError, UnknownKeyError, AuditChainError, RotationStuck,
-                TriggerInterference)
+                TriggerInterference, KeyInUse)
 
 
 def exit_code(exc: RotationOperatorError) -> int:
@@ -153,6 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(rekey, kek=True)
     _rotation_args(rekey)
     rekey.set_defaults(func=cmd_rekey)
+
+    keys = sub.add_parser("keys", help="the end of a key's life: plan (dry run), disable, "
+                                       "enable, destroy (break-glass; needs no KEK)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    plan = keys_sub.add_parser("plan", help="what a retention policy would disable or destroy, "
+                                            "and when (changes nothing but the census)")
+    plan.add_argument("--disable-after-days", type=int, metavar="N",
+                      help="retired keys with no row for N days are disabled (>= 7)")
+    plan.add_argument("--destroy-after-days", type=int, default=7, metavar="N",
+                      help="disabled keys are destroyed N days later (>= 7, default 7)")
+    for name, text in (("disable", "stop a retired key from unwrapping (reversible)"),
+                       ("enable", "let a disabled key unwrap again"),
+                       ("destroy", "erase a disabled key's wrapped bytes: irreversible")):
+        action = keys_sub.add_parser(name, help=text)
+        action.add_argument("version", type=_positive, metavar="VERSION")
+        if name == "disable":
+            action.add_argument("--confirm", action="store_true",
+                                help="required: rows under the key will not decrypt")
+        if name == "destroy":
+            action.add_argument("--confirm-destroy", type=int, metavar="VERSION",
+                                help="required, the same VERSION again: destruction cannot be "
+                                     "undone, and restored backups that need the key fail")
+    for action in keys_sub.choices.values():
+        _store_args(action, kek=False)
+        action.add_argument("--assume-now", metavar="ISO8601", default=None,
+                            help="act as if it were this time (rehearsals and tests; the "
+                                 "audit log still records the real time)")
+        action.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    keys.set_defaults(func=cmd_keys)
 
     verify = sub.add_parser("verify", help="decrypt every row and check the audit chain "
                                            "(read-only); exit 1 on any failure")
@@ -436,6 +466,56 @@ def cmd_rekey(args: argparse.Namespace) -> int:
               "needed")
     else:
         print(f"every DEK is wrapped by the KEK {current.fingerprint} already: nothing to do")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from .decisions import Retention
+    from .lifecycle import MIN_DAYS, Lifecycle
+
+    try:
+        now = datetime.fromisoformat(args.assume_now) if args.assume_now else datetime.now(UTC)
+    except ValueError:
+        raise ConfigError(f"--assume-now {args.assume_now!r} is not an ISO 8601 time") from None
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    life = Lifecycle(_dsn(args), _config(args), actor=_actor(args))
+    command = args.keys_command
+    if command == "plan":
+        retention = None
+        if args.disable_after_days is not None:
+            if min(args.disable_after_days, args.destroy_after_days) < MIN_DAYS:
+                raise ConfigError(f"retention periods are at least {MIN_DAYS} days")
+            retention = Retention(timedelta(days=args.disable_after_days),
+                                  timedelta(days=args.destroy_after_days))
+        outcome = life.run(retention, now, apply=False)
+        steps = [{"version": s.version, "action": s.action, "due": s.due.isoformat(),
+                  "ready": s.ready} for s in outcome.plan]
+        if args.output == "json":
+            print(json.dumps({"steps": steps}))
+        else:
+            for step in outcome.plan:
+                when = "now" if step.ready else f"from {step.due:%Y-%m-%d %H:%M %Z}"
+                print(f"v{step.version}: {step.action} {when}")
+            if not outcome.plan:
+                print("nothing would be disabled or destroyed")
+        return EXIT_OK
+    if command == "disable" and not args.confirm:
+        raise ConfigError("disabling a key stops every row under it from decrypting: pass "
+                          "--confirm")
+    if command == "destroy" and args.confirm_destroy != args.version:
+        raise ConfigError(f"destroying DEK v{args.version} cannot be undone: pass "
+                          f"--confirm-destroy {args.version}")
+    if command == "disable":
+        life.disable(args.version, now, destroy_after=timedelta(days=MIN_DAYS))
+    elif command == "enable":
+        life.enable(args.version)
+    else:
+        life.destroy(args.version, now)
+    done = {"disable": "disabled", "enable": "enabled", "destroy": "destroyed"}[command]
+    print(f"DEK v{args.version} {done}")
     return EXIT_OK
 
 

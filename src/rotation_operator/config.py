@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -187,6 +188,27 @@ class RotationOptions:
 
     def replace(self, **changes: Any) -> RotationOptions:
         return dataclasses.replace(self, **changes)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The shortest maxKeyAge: shorter would rotate more or less continuously.
+MIN_KEY_AGE = timedelta(seconds=10)
+
+
+def parse_duration(text: object, what: str) -> timedelta:
+    """``90d``, ``2160h``, ``1h30m``, ``45s``: a duration, or a specific ConfigError."""
+    if not isinstance(text, str) or not text or _DURATION.sub("", text) != "":
+        raise ConfigError(f"{what} {text!r} is not a duration like 90d, 2160h or 1h30m")
+    seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
+    return timedelta(seconds=seconds)
+
+
+def key_age(text: object) -> timedelta:
+    age = parse_duration(text, "maxKeyAge")
+    if age < MIN_KEY_AGE:
+        raise ConfigError(f"maxKeyAge {text!r} is shorter than {MIN_KEY_AGE.seconds}s")
+    return age
 
 
 def targets_from_spec(items: Iterable[Mapping[str, Any]]) -> list[Target]:

@@ -15,7 +15,9 @@ wrapped by the current KEK before anything else happens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Literal
 
@@ -32,11 +34,23 @@ class Action(Enum):
     REKEY = "rekey"        # DEKs are wrapped by another KEK than the current one: rewrap
 
 
+#: Fraction of ``max_encryptions`` at which a key counts as nearly used up.
+USAGE_WARNING = 0.8
+
+
 @dataclass(frozen=True)
 class Request:
     kind: RequestKind
     version: int | None = None  # the policy version asked for (policy requests)
     paused: bool = False
+    #: The clock, injected (scheduled rotations; None: never due).
+    now: datetime | None = None
+    #: Rotate by itself once the active key is this old (``spec.rotation.maxKeyAge``).
+    max_key_age: timedelta | None = None
+    #: Values one key may encrypt (``spec.rotation.maxEncryptionsPerKey``).
+    max_encryptions: int | None = None
+    #: Rotate by itself when the active key nears ``max_encryptions``.
+    rotate_on_usage: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,11 @@ class State:
     retired_rows: int | None = None
     #: Some DEK is wrapped by another KEK than the current one.
     rekey: bool = False
+    #: When the active key was created, and how many values it has encrypted (estimated).
+    active_created: datetime | None = None
+    active_encryptions: int = 0
+    #: Rows in all targets (None: not counted): a rotation brings usage down to this.
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,8 @@ class Decision:
     message: str
     #: The unfinished rotation to resume (RESUME), for the engine.
     running: Running | None = None
+    #: What a ROTATE is recorded as: ``policy`` (a version), ``manual`` or ``scheduled``.
+    kind: str = "policy"
 
 
 def decide(request: Request, state: State) -> Decision:
@@ -98,7 +119,7 @@ def _unpaused(request: Request, state: State) -> Decision:
                         f"resuming the interrupted {_describe(running)}", running)
     if request.kind == "manual":
         return Decision(Action.ROTATE, "RotationRequested",
-                        "a manual rotation was requested (no policy version)")
+                        "a manual rotation was requested (no policy version)", kind="manual")
     return _policy(request, state)
 
 
@@ -106,7 +127,7 @@ def _resumes(request: Request, running: Running) -> bool:
     """A running rotation is finished first, unless a newer policy version supersedes it
     (its rows then move once, straight onto the newer key)."""
     if request.kind == "manual" or running.kind != "policy" or running.version is None:
-        return True
+        return True  # a scheduled or manual one is finished (and adopted by a bump)
     return request.version is None or running.version >= request.version
 
 
@@ -123,10 +144,119 @@ def _policy(request: Request, state: State) -> Decision:
             return Decision(Action.SWEEP, "RowsUnderRetiredKey",
                             f"{state.retired_rows} rows are under a retired key: moving them "
                             f"onto DEK v{state.active}")
-        return Decision(Action.NONE, "KeysReady", f"version {desired} is served")
+        return _scheduled(request, state) or Decision(Action.NONE, "KeysReady",
+                                                      f"version {desired} is served")
     before = "nothing" if served is None else f"version {served}"
     return Decision(Action.ROTATE, "RotationRequested",
                     f"spec.version {desired} is newer than {before}: rotating")
+
+
+def _scheduled(request: Request, state: State) -> Decision | None:
+    """A rotation the policy asks for by itself: the active key too old, or nearly used
+    up.  It serves no policy version (``observedVersion`` stays), so a later bump still
+    rotates."""
+    due = next_rotation_due(request, state)
+    if due is not None and request.now is not None and request.now >= due:
+        return Decision(Action.ROTATE, "ScheduledRotation",
+                        f"DEK v{state.active} is older than maxKeyAge "
+                        f"({_duration(request.max_key_age)}): rotating", kind="scheduled")
+    if request.rotate_on_usage and usage_high(request, state) and rotation_helps(request, state):
+        return Decision(Action.ROTATE, "UsageBound",
+                        f"DEK v{state.active} has encrypted about {state.active_encryptions} "
+                        f"values of the {request.max_encryptions} allowed: rotating",
+                        kind="scheduled")
+    return None
+
+
+def next_rotation_due(request: Request, state: State) -> datetime | None:
+    """When the active key reaches ``max_key_age`` (None: no schedule)."""
+    if request.max_key_age is None or state.active_created is None:
+        return None
+    return state.active_created + request.max_key_age
+
+
+def usage_high(request: Request, state: State) -> bool:
+    """The active key has encrypted most of what one key may (far below NIST SP 800-38D's
+    2^32 random-nonce bound by default)."""
+    return request.max_encryptions is not None and \
+        state.active_encryptions >= USAGE_WARNING * request.max_encryptions
+
+
+def rotation_helps(request: Request, state: State) -> bool:
+    """A fresh key encrypts every row once: rotating for usage helps only while the rows
+    are well below the bound (else each new key would be near it at once)."""
+    return request.max_encryptions is not None and state.rows is not None and \
+        state.rows < request.max_encryptions // 2
+
+
+def adopts(running: Running, desired: int, served: int | None) -> bool:
+    """A newer ``spec.version`` arriving while a scheduled or manual rotation runs is
+    served by that rotation (its key is fresher than anything the bump could be about):
+    no rotation too many."""
+    return running.kind in ("scheduled", "manual") and (served is None or desired > served)
+
+
+def _duration(value: timedelta | None) -> str:
+    if value is None:
+        return "none"
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+# -- retention: the end of a key's life ------------------------------------------------------
+@dataclass(frozen=True)
+class Retention:
+    """``spec.retention``: a retired key with no row for ``disable_after`` is disabled; a
+    disabled one is destroyed ``destroy_after`` later."""
+
+    disable_after: timedelta
+    destroy_after: timedelta
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """What retention needs to know of a key."""
+
+    version: int
+    state: str
+    rows: int
+    zero_rows_since: datetime | None = None
+    disabled_at: datetime | None = None
+    destroy_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    version: int
+    action: Literal["disable", "destroy"]
+    due: datetime
+    ready: bool
+
+
+def retention_plan(keys: Sequence[KeyView], retention: Retention | None, now: datetime
+                   ) -> list[Step]:
+    """The next step of every key's end of life, and whether it is due (the dry run).
+
+    Nothing happens to a key any row references; nothing without ``retention`` but a
+    destroy already scheduled on a disabled key.
+    """
+    steps = []
+    for k in keys:
+        if k.rows:
+            continue
+        if k.state == "retired" and retention is not None and k.zero_rows_since is not None:
+            due = k.zero_rows_since + retention.disable_after
+            steps.append(Step(k.version, "disable", due, now >= due))
+        elif k.state == "disabled":
+            when = k.destroy_after or (
+                k.disabled_at + retention.destroy_after
+                if retention is not None and k.disabled_at is not None else None)
+            if when is not None:
+                steps.append(Step(k.version, "destroy", when, now >= when))
+    return steps
 
 
 def _sweep(state: State, running: Running | None) -> Decision:

@@ -40,7 +40,7 @@ from psycopg import sql
 from . import audit, faults, mover
 from .config import RotationOptions, StoreConfig, Target
 from .database import Conn, Timeouts, check_server, connect, db_errors
-from .decisions import Action, Decision, Request, Running, State, decide
+from .decisions import Action, Decision, Request, Running, State, adopts, decide, usage_high
 from .errors import (
     DatabaseForbidden,
     KekMismatchError,
@@ -70,7 +70,9 @@ from .tables import Layout, inspect
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 #: Raises (RotationPaused, RotationCancelled) to stop between batches; called often.
-ControlFn = Callable[[], None]
+#: Returns the policy version the caller now asks for, if it knows one (a bump that arrives
+#: during a scheduled rotation is served by it).
+ControlFn = Callable[[], int | None]
 #: Passes in a row that move nothing while rows remain before a rotation is called stuck.
 STUCK_PASSES = 3
 #: Passes after the handover in which rows keep arriving under old keys before stopping.
@@ -258,8 +260,10 @@ class Engine:
         if prepared is None:  # a rotation request records no baseline: it rotates
             prepared = self.prepare()
         decision = decide(request, prepared.state)
-        # A sweep is decided on counts, which only the look under the lock takes.
-        if request.kind != "sweep" and decision.action not in (*_ACTS, Action.REKEY):
+        # A sweep (or a rotation for usage) is decided on counts, which only the look under
+        # the lock takes.
+        counted_later = request.kind == "sweep" or request.rotate_on_usage
+        if not counted_later and decision.action not in (*_ACTS, Action.REKEY):
             return _nothing(request, options, prepared.state, decision)
         timeouts = Timeouts(int(options.lock_timeout * 1000),
                             int(options.statement_timeout * 1000))
@@ -270,14 +274,14 @@ class Engine:
                 connect(self.dsn, timeouts=timeouts) as conn:
             counted = prepared.layouts if request.kind == "sweep" else ()
             state = observe(conn, self.store, prepared.ring.active_version,
-                            self._kek.fingerprint, counted)
+                            self._kek.fingerprint, counted, request, prepared.layouts)
             decision = decide(request, state)
             if decision.action is Action.REKEY:  # first the KEK, then whatever else is due
                 run = _Run(self, conn, lock, prepared, options, timeouts, progress, control)
                 rekeyed = run.rekey()
                 prepared = dataclasses.replace(prepared, ring=run.ring)
                 state = observe(conn, self.store, run.ring.active_version,
-                                self._kek.fingerprint, counted)
+                                self._kek.fingerprint, counted, request, prepared.layouts)
                 decision = decide(request, state)
             if decision.action not in _ACTS:
                 return dataclasses.replace(_nothing(request, options, state, decision),
@@ -334,13 +338,18 @@ class Engine:
 
 
 def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = None,
-            count: Iterable[Layout] = ()) -> State:
+            count: Iterable[Layout] = (), usage: Request | None = None,
+            targets: Sequence[Layout] = ()) -> State:
     """The database's state for :func:`decide` (``current_kek``: the current KEK's
     fingerprint, to see whether a rekey is due; ``count``: also count rows under retired
-    keys in these targets, a full scan, so only sweeps ask)."""
+    keys in these targets, a full scan, so only sweeps ask; ``usage``: a request that may
+    rotate on usage, for which the rows of ``targets`` are counted when the active key is
+    near its bound, in ``targets``)."""
     records = store.rotation_records(conn)
+    keys = store.list_keys(conn)
     rekey = current_kek is not None and any(
-        k.kek_fingerprint != current_kek for k in store.list_keys(conn))
+        k.kek_fingerprint != current_kek for k in keys if k.state != "destroyed")
+    active_key = next((k for k in keys if k.state == "active"), None)
     served = max((r.requested_version for r in records
                   if r.phase in ("baseline", "done") and r.requested_version is not None),
                  default=None)
@@ -348,7 +357,13 @@ def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = 
     layouts = list(count)
     retired = store.count_stale(conn, layouts, active, legacy=migrated(records)) \
         if layouts else None
-    return State(active, served, _running(run), retired, rekey)
+    state = State(active, served, _running(run), retired, rekey,
+                  active_key.created_at if active_key else None,
+                  active_key.encryptions if active_key else 0)
+    if usage is not None and usage.rotate_on_usage and usage_high(usage, state) and targets:
+        rows = store.count_stale(conn, targets, 0, legacy=True)  # every row (no key 0)
+        state = dataclasses.replace(state, rows=rows)
+    return state
 
 
 def _running(record: RotationRecord | None) -> Running | None:
@@ -385,7 +400,7 @@ class _Run:
         mode = "Online" if decision.action is Action.SWEEP else self.options.mode
         with self.conn.transaction():
             if decision.action is Action.ROTATE:
-                claim = self._mint(request, mode)
+                claim = self._mint(request, mode, decision)
             elif decision.action is Action.RESUME:
                 assert decision.running is not None
                 claim = self._resume(decision.running, mode)
@@ -419,26 +434,30 @@ class _Run:
             decision, claim.kind, self.counter.done, self.counter.legacy, retired,
             handover=handover, caught_in_handover=caught, swept_after=swept)
 
-    def _mint(self, request: Request, mode: str) -> _Claim:
+    def _mint(self, request: Request, mode: str, decision: Decision) -> _Claim:
         """New DEK active, old ones retiring, rotation recorded: one transaction.  The
-        record is claimed first: rotators' batches lock it before the key row."""
+        record is claimed first: rotators' batches lock it before the key row.  A scheduled
+        rotation serves no policy version (``observedVersion`` stays)."""
         versions = [k.version for k in self.store.list_keys(self.conn)]
         new_version, old = max(versions) + 1, self.ring.active_version
         # Every row moves: none is under the key about to be minted.
         total = self.store.count_stale(self.conn, self.layouts, new_version, legacy=True)
-        kind = "policy" if request.kind == "policy" else "manual"
+        kind = decision.kind
+        requested = request.version if kind == "policy" else None
+        actor = f"{self.e.actor} {decision.reason}" if kind == "scheduled" else self.e.actor
         record_id, fence = self.store.claim_new(
-            self.conn, kind=kind, requested=request.version, mode=mode, from_version=old,
-            to_version=new_version, actor=self.e.actor, total=total)
+            self.conn, kind=kind, requested=requested, mode=mode, from_version=old,
+            to_version=new_version, actor=actor, total=total)
         self.store.mark_active_retiring(self.conn)
-        self.store.insert_key(self.conn, self.e._kek, version=new_version, actor=self.e.actor,
-                              policy_version=request.version)
+        self.store.insert_key(self.conn, self.e._kek, version=new_version, actor=actor,
+                              policy_version=requested,
+                              writes=self.store.writes(self.conn, self.layouts))
         audit.append(self.conn, self.e.cfg, "rotation_started", key_version=new_version,
-                     actor=self.e.actor, detail={"policy_version": request.version,
-                                                 "kind": kind, "mode": mode,
-                                                 "from_version": old, "rows": total})
+                     actor=actor, detail={"policy_version": requested, "kind": kind,
+                                          "mode": mode, "from_version": old, "rows": total,
+                                          "why": decision.message})
         self.counter.total = total
-        return _Claim(record_id, fence, kind, request.version, old, new_version, False,
+        return _Claim(record_id, fence, kind, requested, old, new_version, False,
                       datetime.min)
 
     def _resume(self, running: Running, mode: str) -> _Claim:
@@ -484,7 +503,9 @@ class _Run:
             self._finish(legacy=True)
         faults.point("rekey-after-legacy")
         with self.conn.transaction():
-            done = self.store.rewrap(self.conn, self.ring, current, self.e.actor)
+            # Disabled keys too: enabling one later must not need the old KEK.
+            every = self.store.load_ring(self.conn, self.e.keks, disabled=True)
+            done = self.store.rewrap(self.conn, every, current, self.e.actor)
             if done:
                 audit.append(self.conn, self.e.cfg, "kek_rotated", actor=self.e.actor,
                              detail={"kek_fingerprint": current.fingerprint,
@@ -706,6 +727,7 @@ class _Run:
         assert claim is not None
         retired = tuple(self.store.retire_retiring(self.conn, self.e.actor)) \
             if claim.kind != "sweep" else ()
+        self.store.add_encryptions(self.conn, claim.to_version, self.counter.done)
         self.store.finish_record(self.conn, claim.record_id,
                                  {"legacyMigrated": self.counter.legacy})
         event = "rows_swept" if claim.kind == "sweep" else "rotation_finished"
@@ -761,8 +783,21 @@ class _Run:
     def checkpoint(self) -> None:
         """Between batches: stop if the lock was lost or the caller asks (pause, delete)."""
         self.lock.check()
-        if self._control is not None:
-            self._control()
+        if self._control is None:
+            return
+        desired = self._control()
+        claim = self.claim
+        if desired is None or claim is None or claim.kind not in ("scheduled", "manual"):
+            return
+        served = observe(self.conn, self.store, claim.to_version).served
+        if adopts(Running(claim.record_id, claim.kind, None, claim.to_version), desired,
+                  served):
+            with self.conn.transaction():
+                self.store.adopt(self.conn, claim.record_id, claim.fence, desired,
+                                 self.e.actor)
+            self.claim = dataclasses.replace(claim, kind="policy", requested=desired)
+            log.info("spec.version %s arrived during a %s rotation to DEK v%s: it serves it",
+                     desired, claim.kind, claim.to_version)
 
     def sleep(self, seconds: float) -> None:
         """Sleep, still checking the lock and the caller's control every 0.2 s."""

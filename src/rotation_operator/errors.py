@@ -174,6 +174,20 @@ class ForeignKeyIds(ConfigError):
     retry_delay = 60.0
 
 
+class KeyStateError(ConfigError):
+    """A key lifecycle step does not fit the key's state (or the key does not exist)."""
+
+    reason = "KeyStateInvalid"
+
+
+class KeyInUse(RotationOperatorError):
+    """A key lifecycle step is refused: rows still reference the key."""
+
+    reason = "KeyInUse"
+    retryable = True
+    retry_delay = 300.0
+
+
 class ServerUnsupported(ConfigError):
     """The PostgreSQL server is too old (TID range scans need 14 or later)."""
 

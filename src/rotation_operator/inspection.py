@@ -35,6 +35,11 @@ class KeyStatus:
     #: The stored fingerprint of the KEK that wraps it (not part of :meth:`Snapshot.summary`:
     #: the operator names only fingerprints of KEKs it was given).
     kek_fingerprint: str = ""
+    zero_rows_since: datetime | None = None
+    disabled_at: datetime | None = None
+    destroy_after: datetime | None = None
+    destroyed_at: datetime | None = None
+    encryptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,16 @@ class Snapshot:
     def stale_count(self) -> int:
         return sum(t.stale for t in self.targets)
 
+    def rows_per_key(self) -> dict[int | None, int]:
+        """Rows per key version (``None``: legacy), from this snapshot's counts."""
+        rows: dict[int | None, int] = {k.version: k.rows for k in self.keys}
+        rows[None] = self.legacy_count
+        return rows
+
+    @property
+    def active_key(self) -> KeyStatus | None:
+        return next((k for k in self.keys if k.state == "active"), None)
+
     @property
     def retired_count(self) -> int:
         """Rows under a retired key: what invariant 4 forbids once a rotation is done."""
@@ -89,7 +104,11 @@ class Snapshot:
             "auditEvents": self.audit_events,
             "keys": [{"version": k.version, "state": k.state, "createdAt": rfc3339(k.created_at),
                       "retiredAt": rfc3339(k.retired_at), "rotatedBy": k.rotated_by,
-                      "rows": k.rows} for k in self.keys],
+                      "rows": k.rows, "encryptions": max(k.encryptions, k.rows),
+                      "zeroRowsSince": rfc3339(k.zero_rows_since),
+                      "disabledAt": rfc3339(k.disabled_at),
+                      "destroyAfter": rfc3339(k.destroy_after),
+                      "destroyedAt": rfc3339(k.destroyed_at)} for k in self.keys],
             "sweep": None if self.last_sweep is None else {
                 "rows": self.last_sweep.re_encrypted,
                 "finishedAt": rfc3339(self.last_sweep.finished_at)},
@@ -162,7 +181,9 @@ def snapshot(dsn: str, cfg: StoreConfig) -> Snapshot:
                             if r.phase in ("baseline", "done")
                             and r.requested_version is not None), default=None),
         keys=[KeyStatus(k.version, k.state, k.created_at, k.retired_at, k.rotated_by,
-                        per_key.get(k.version, 0), k.kek_fingerprint) for k in keys],
+                        per_key.get(k.version, 0), k.kek_fingerprint, k.zero_rows_since,
+                        k.disabled_at, k.destroy_after, k.destroyed_at, k.encryptions)
+              for k in keys],
         targets=targets,
         last_rotation=finished[-1] if finished else None,
         running=running,

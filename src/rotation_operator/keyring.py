@@ -37,6 +37,8 @@ class KeyRing:
     deks: Mapping[int, bytes] = field(repr=False)
     #: The raw KEK for legacy rows; None when it cannot be read (a key in an HSM).
     kek: bytes | None = field(repr=False)
+    #: Keys that exist but cannot decrypt: version -> state (disabled, destroyed).
+    unavailable: Mapping[int, str] = field(default_factory=dict)
     _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
                                               compare=False)
     _active: AESGCM = field(init=False, repr=False, compare=False)
@@ -66,6 +68,13 @@ class KeyRing:
             if key_id is None:
                 raise UnknownKeyError("a legacy row (encrypted with the KEK itself) needs the "
                                       "raw KEK, which this key ring does not hold") from None
+            state = self.unavailable.get(key_id)
+            if state == "disabled":
+                raise UnknownKeyError(f"DEK v{key_id} is disabled: enable it to read this row "
+                                      f"(rotation-operator keys enable {key_id})") from None
+            if state == "destroyed":
+                raise UnknownKeyError(f"DEK v{key_id} was destroyed: this row cannot be read "
+                                      "any more") from None
             raise UnknownKeyError(f"key version {key_id} is not in the key ring") from None
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:

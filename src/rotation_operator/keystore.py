@@ -38,6 +38,7 @@ from .errors import (
     InvalidToken,
     KekMismatchError,
     KeysTableShared,
+    KeyStateError,
     LegacyNeedsRawKek,
     RotationOperatorError,
     Superseded,
@@ -47,7 +48,9 @@ from .keyring import KeyRing
 from .tables import REGCLASS, Heap, Layout, regclass_arg
 
 #: Version of the operator's own tables; :meth:`KeyStore.migrate` brings older ones here.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Key states in which a DEK can still be unwrapped into a ring.
+READABLE = ("active", "retiring", "retired")
 #: Rows sampled per target to prove the KEK before key v1 binds the keys table to it.
 LEGACY_SAMPLE = 20
 
@@ -64,11 +67,18 @@ class KeyRecord:
     version: int
     wrapped_dek: bytes = field(repr=False)
     kek_fingerprint: str
-    state: str
+    state: str  # active | retiring | retired | disabled | destroyed
     rotated_by: str
     policy_version: int | None
     created_at: datetime
     retired_at: datetime | None
+    zero_rows_since: datetime | None = None
+    disabled_at: datetime | None = None
+    destroy_after: datetime | None = None
+    destroyed_at: datetime | None = None
+    encryptions: int = 0
+    #: The targets' rows inserted and updated (statistics) when the key was minted.
+    writes_at_mint: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,8 @@ class KeyStore:
                     version = 1
                 if version < 2:
                     self._migrate_v2(conn)
+                if version < 3:
+                    self._migrate_v3(conn)
                 if version < SCHEMA_VERSION:
                     conn.execute(sql.SQL("UPDATE {} SET schema_version = %s, updated_at = now()"
                                          ).format(self.meta), (SCHEMA_VERSION,))
@@ -253,6 +265,33 @@ class KeyStore:
             "CREATE UNIQUE INDEX {} ON {} (requested_version) WHERE requested_version IS NOT "
             "NULL AND phase <> 'superseded'").format(sql.Identifier(f"{base}_rot_policy"), rot))
 
+    def _migrate_v3(self, conn: Conn) -> None:
+        """The end of a key's life (disabled, destroyed), its census and usage, and
+        scheduled rotations."""
+        base = self.cfg.keys_table
+        self._replace_check(conn, base, "state", f"{base}_state",
+                            "state IN ('active', 'retiring', 'retired', 'disabled', 'destroyed')")
+        self._replace_check(conn, self.cfg.rotations_table, "kind", f"{base}_rot_kind",
+                            "kind IN ('policy', 'manual', 'sweep', 'scheduled')")
+        conn.execute(sql.SQL(
+            "ALTER TABLE {} ADD COLUMN zero_rows_since timestamptz, "
+            "ADD COLUMN disabled_at timestamptz, ADD COLUMN destroy_after timestamptz, "
+            "ADD COLUMN destroyed_at timestamptz, "
+            "ADD COLUMN encryptions bigint NOT NULL DEFAULT 0, "
+            "ADD COLUMN writes_at_mint bigint").format(self.keys))
+
+    def _replace_check(self, conn: Conn, table: str, column: str, name: str, rule: str) -> None:
+        rows = conn.execute(
+            f"SELECT conname FROM pg_constraint WHERE conrelid = {REGCLASS} AND contype = 'c' "
+            "AND pg_get_constraintdef(oid) LIKE %s",
+            (*regclass_arg(self.cfg.schema, table), f"%({column}%")).fetchall()
+        ident = _ident(self.cfg.schema, table)
+        for (conname,) in rows:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                ident, sql.Identifier(conname)))
+        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK (" + rule + ")").format(
+            ident, sql.Identifier(name)))
+
     # -- coverage: which targets this keys table serves ----------------------------------
     def coverage(self, conn: Conn) -> Coverage | None:
         """The recorded coverage, or None before any is recorded (or before v2 tables)."""
@@ -311,18 +350,21 @@ class KeyStore:
     def list_keys(self, conn: Conn) -> list[KeyRecord]:
         rows = conn.execute(sql.SQL(
             "SELECT version, wrapped_dek, kek_fingerprint, state, rotated_by, policy_version, "
-            "created_at, retired_at FROM {keys} ORDER BY version").format(keys=self.keys)
+            "created_at, retired_at, zero_rows_since, disabled_at, destroy_after, destroyed_at, "
+            "encryptions, writes_at_mint FROM {keys} ORDER BY version").format(keys=self.keys)
         ).fetchall()
         return [KeyRecord(r[0], bytes(r[1]), *r[2:]) for r in rows]
 
     def insert_key(self, conn: Conn, kek: Kek, *, version: int, actor: str,
-                   policy_version: int | None) -> None:
-        """Mint a DEK, wrap it, store it as the active key (caller retires the old one)."""
+                   policy_version: int | None, writes: int | None = None) -> None:
+        """Mint a DEK, wrap it, store it as the active key (caller retires the old one);
+        ``writes``: the targets' write statistics now, the base of its usage estimate."""
         wrapped = kek.wrap(crypto.new_key(), version)
         conn.execute(sql.SQL(
             "INSERT INTO {keys} (version, wrapped_dek, kek_fingerprint, state, rotated_by, "
-            "policy_version) VALUES (%s, %s, %s, 'active', %s, %s)").format(keys=self.keys),
-            (version, wrapped, kek.fingerprint, actor, policy_version))
+            "policy_version, writes_at_mint) VALUES (%s, %s, %s, 'active', %s, %s, %s)").format(
+                keys=self.keys),
+            (version, wrapped, kek.fingerprint, actor, policy_version, writes))
         audit.append(conn, self.cfg, "key_created", key_version=version, actor=actor,
                      detail={"policy_version": policy_version})
 
@@ -367,7 +409,8 @@ class KeyStore:
                     "it was edited by hand: restore it from backup")
             return False
 
-    def load_ring(self, conn: Conn, keks: Kek | bytes | Sequence[Kek]) -> KeyRing:
+    def load_ring(self, conn: Conn, keks: Kek | bytes | Sequence[Kek], *,
+                  disabled: bool = False) -> KeyRing:
         """Unwrap every stored DEK with whichever presented KEK wrapped it (the current
         one, or a previous one during a rekey); fail closed with :class:`KekMismatchError`.
 
@@ -377,7 +420,12 @@ class KeyStore:
         rows with the raw bytes of the KEK that wraps the keys, when they can be read.
         """
         presented = _keks(keks)
-        keys = self.list_keys(conn)
+        every = self.list_keys(conn)
+        # Disabled keys stay out of rings (unless a rekey must rewrap them); destroyed
+        # ones have nothing left to unwrap.
+        readable = (*READABLE, "disabled") if disabled else READABLE
+        keys = [k for k in every if k.state in readable]
+        unavailable = {k.version: k.state for k in every if k.state not in readable}
         active = [k.version for k in keys if k.state == "active"]
         if not active:
             raise RotationOperatorError(
@@ -397,7 +445,7 @@ class KeyStore:
                 raise KekMismatchError(
                     f"wrapped DEK v{k.version} does not unwrap under the KEK although the "
                     "fingerprints match: the keys table was altered") from None
-        return KeyRing(active[0], deks, legacy_kek(keys, presented))
+        return KeyRing(active[0], deks, legacy_kek(keys, presented), unavailable)
 
     def rewrap(self, conn: Conn, ring: KeyRing, current: Kek, actor: str) -> list[int]:
         """Wrap every DEK not yet under ``current`` with it, in the caller's transaction;
@@ -405,7 +453,7 @@ class KeyStore:
         versions rewrapped (none when all are under ``current`` already: idempotent)."""
         done = []
         for k in self.list_keys(conn):
-            if k.kek_fingerprint == current.fingerprint:
+            if k.kek_fingerprint == current.fingerprint or k.state == "destroyed":
                 continue
             dek = ring.deks[k.version]
             wrapped = current.wrap(dek, k.version)
@@ -420,6 +468,85 @@ class KeyStore:
                          detail={"kek_fingerprint": current.fingerprint})
             done.append(k.version)
         return done
+
+    # -- the end of a key's life --------------------------------------------------------
+    def census(self, conn: Conn, rows: Mapping[int | None, int], now: datetime,
+               writes: int | None = None) -> bool:
+        """Record, from a fresh count of rows per key, since when each retired or disabled
+        key has had no row, and raise the active key's usage estimate: at least its rows,
+        and at least the rows the targets' statistics say were inserted or updated since it
+        was minted (every such write encrypted a value under it; the library's writes are
+        not counted one by one).  True if anything changed."""
+        changed = False
+        for k in self.list_keys(conn):
+            n = rows.get(k.version, 0)
+            since = k.zero_rows_since
+            if k.state in ("retired", "disabled"):
+                since = since or now if n == 0 else None
+            used = n
+            if k.state == "active" and writes is not None and k.writes_at_mint is not None \
+                    and writes >= k.writes_at_mint:  # statistics can be reset
+                used = max(used, writes - k.writes_at_mint)
+            if since != k.zero_rows_since or used > k.encryptions:
+                conn.execute(sql.SQL(
+                    "UPDATE {keys} SET zero_rows_since = %s, encryptions = greatest(encryptions, "
+                    "%s) WHERE version = %s").format(keys=self.keys), (since, used, k.version))
+                changed = True
+        return changed
+
+    def add_encryptions(self, conn: Conn, version: int, n: int) -> None:
+        conn.execute(sql.SQL("UPDATE {keys} SET encryptions = encryptions + %s "
+                             "WHERE version = %s").format(keys=self.keys), (n, version))
+
+    def writes(self, conn: Conn, layouts: Sequence[Layout]) -> int:
+        """Rows inserted and updated in every heap of the targets, from the statistics."""
+        oids = [h.oid for layout in layouts for h in layout.heaps]
+        row = conn.execute("SELECT coalesce(sum(n_tup_ins + n_tup_upd), 0) FROM "
+                           "pg_stat_all_tables WHERE relid = ANY(%s)", (oids,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def referenced(self, conn: Conn, layouts: Sequence[Layout], version: int
+                   ) -> tuple[str, object] | None:
+        """(target, an id) of a row under key ``version`` in any target, or None."""
+        for layout in layouts:
+            t = layout.target
+            row = conn.execute(sql.SQL("SELECT {id} FROM {tab} WHERE {kid} = %s LIMIT 1").format(
+                id=sql.Identifier(t.id_column), tab=layout.ident,
+                kid=sql.Identifier(t.key_id_column)), (version,)).fetchone()
+            if row is not None:
+                return layout.display, row[0]
+        return None
+
+    def key_for_update(self, conn: Conn, version: int) -> KeyRecord:
+        conn.execute(sql.SQL("SELECT 1 FROM {keys} WHERE version = %s FOR UPDATE").format(
+            keys=self.keys), (version,))
+        key = next((k for k in self.list_keys(conn) if k.version == version), None)
+        if key is None:
+            raise KeyStateError(f"there is no DEK v{version} in {self.cfg.qualified_keys}")
+        return key
+
+    def disable(self, conn: Conn, version: int, now: datetime, destroy_after: datetime | None,
+                actor: str) -> None:
+        conn.execute(sql.SQL(
+            "UPDATE {keys} SET state = 'disabled', disabled_at = %s, destroy_after = %s "
+            "WHERE version = %s").format(keys=self.keys), (now, destroy_after, version))
+        audit.append(conn, self.cfg, "key_disabled", key_version=version, actor=actor,
+                     detail={"destroy_after": destroy_after.isoformat()
+                             if destroy_after else None})
+
+    def enable(self, conn: Conn, version: int, actor: str) -> None:
+        conn.execute(sql.SQL(
+            "UPDATE {keys} SET state = 'retired', disabled_at = NULL, destroy_after = NULL "
+            "WHERE version = %s").format(keys=self.keys), (version,))
+        audit.append(conn, self.cfg, "key_enabled", key_version=version, actor=actor)
+
+    def destroy(self, conn: Conn, version: int, now: datetime, actor: str) -> None:
+        """Erase the wrapped DEK (the row and its version stay, so data names the key it
+        needed); the audit chain records it."""
+        conn.execute(sql.SQL(
+            "UPDATE {keys} SET state = 'destroyed', wrapped_dek = ''::bytea, destroyed_at = %s "
+            "WHERE version = %s").format(keys=self.keys), (now, version))
+        audit.append(conn, self.cfg, "key_destroyed", key_version=version, actor=actor)
 
     # -- rotation records ----------------------------------------------------------------
     def rotation_records(self, conn: Conn) -> list[RotationRecord]:
@@ -489,6 +616,19 @@ class KeyStore:
         if row is None:
             raise Superseded(f"rotation record {record_id} is no longer running")
         return int(row[0])
+
+    def adopt(self, conn: Conn, record_id: int, fence: int, policy_version: int,
+              actor: str) -> None:
+        """A running scheduled or manual rotation now serves ``policy_version``."""
+        conn.execute(sql.SQL(
+            "UPDATE {rot} SET kind = 'policy', requested_version = %s "
+            "WHERE id = %s AND fence = %s AND phase = 'running'").format(rot=self.rotations),
+            (policy_version, record_id, fence))
+        conn.execute(sql.SQL("UPDATE {keys} SET policy_version = %s WHERE version = "
+                             "(SELECT to_version FROM {rot} WHERE id = %s)").format(
+            keys=self.keys, rot=self.rotations), (policy_version, record_id))
+        audit.append(conn, self.cfg, "rotation_adopted", actor=actor, detail={
+            "policy_version": policy_version, "record": record_id})
 
     def announce(self, conn: Conn, record_id: int, fence: int) -> datetime:
         """Stamp when the rotation's key is known committed (the handover's clock)."""

@@ -322,7 +322,10 @@ def run_cli(*args: str, dsn: str, kek: bytes | None, fault: str | None = None,
     if fault:
         env["ROTATION_OPERATOR_FAULT"] = fault
     command, *rest = args
-    argv = [sys.executable, "-m", "rotation_operator.cli", command, "--dsn-env", DSN_ENV]
+    if command == "keys":  # keys ACTION [options]: the options follow the action
+        command, rest = f"keys {rest[0]}", rest[1:]
+    argv = [sys.executable, "-m", "rotation_operator.cli", *command.split(), "--dsn-env",
+            DSN_ENV]
     if command in ("init", "rotate", "verify", "sweep", "rekey"):
         argv += ["--kek-env", KEK_ENV]
     return subprocess.run([*argv, *rest], env=env, capture_output=True, text=True,

@@ -20,6 +20,7 @@ from rotation_operator.library import Encryptor
 from tests.db.apptable import (
     ATOMIC,
     ONLINE,
+    Gate,
     active_version,
     audit_events,
     keys,
@@ -29,33 +30,8 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
+from tests.db.apptable import in_thread as _in_thread
 from tests.fixtures.roles import app_dsn
-
-
-class Gate:
-    """A progress callback that parks the rotation until released."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, done: int, total: int) -> None:
-        self.entered.set()
-        assert self.release.wait(60), "gate never released"
-
-
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # reported by the test
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 @pytest.mark.parametrize("options", [ONLINE, ATOMIC], ids=["online", "atomic"])

@@ -114,3 +114,69 @@ def test_wants_rotation() -> None:
     assert not wants_rotation(2, 2)
     assert not wants_rotation(2, None)
     assert not wants_rotation(None, 1)
+
+
+# -- the policy's own schedule and the end of a key's life (issue #10) ------------------------
+def test_a_schedule_is_due_on_the_injected_clock_not_before() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    made = datetime(2026, 1, 1, tzinfo=UTC)
+    state = State(2, 3, None, active_created=made)
+    age = timedelta(days=90)
+    before = decide(Request("policy", 3, now=made + age - timedelta(seconds=1),
+                            max_key_age=age), state)
+    due = decide(Request("policy", 3, now=made + age, max_key_age=age), state)
+    assert before.action is Action.NONE
+    assert (due.action, due.kind, due.reason) == (Action.ROTATE, "scheduled",
+                                                 "ScheduledRotation")
+    # a newer spec.version wins over the schedule (one rotation, recorded as the policy's)
+    bump = decide(Request("policy", 4, now=made + age, max_key_age=age), state)
+    assert (bump.action, bump.kind) == (Action.ROTATE, "policy")
+    paused = decide(Request("policy", 3, paused=True, now=made + age, max_key_age=age), state)
+    assert paused.action is Action.PAUSED
+
+
+def test_usage_bound_warns_and_rotates_only_when_allowed() -> None:
+    state = State(2, 3, None, active_encryptions=850, rows=100)
+    assert decide(Request("policy", 3, max_encryptions=1000), state).action is Action.NONE
+    d = decide(Request("policy", 3, max_encryptions=1000, rotate_on_usage=True), state)
+    assert (d.action, d.reason, d.kind) == (Action.ROTATE, "UsageBound", "scheduled")
+    low = State(2, 3, None, active_encryptions=700, rows=100)
+    assert decide(Request("policy", 3, max_encryptions=1000, rotate_on_usage=True),
+                  low).action is Action.NONE
+    # with rows near the bound a fresh key would be near it at once: no rotation loop
+    full = State(2, 3, None, active_encryptions=850, rows=600)
+    assert decide(Request("policy", 3, max_encryptions=1000, rotate_on_usage=True),
+                  full).action is Action.NONE
+    unknown = State(2, 3, None, active_encryptions=850)
+    assert decide(Request("policy", 3, max_encryptions=1000, rotate_on_usage=True),
+                  unknown).action is Action.NONE
+
+
+def test_a_bump_adopts_a_running_scheduled_or_manual_rotation() -> None:
+    from rotation_operator.decisions import adopts
+
+    assert adopts(running(None, kind="scheduled"), 5, 4)
+    assert adopts(running(None, kind="manual"), 5, 4)
+    assert not adopts(running(5, kind="policy"), 6, 4)
+    assert not adopts(running(None, kind="scheduled"), 4, 4)  # not a bump
+
+
+def test_the_retention_plan_is_the_dry_run() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from rotation_operator.decisions import KeyView, Retention, retention_plan
+
+    t = datetime(2026, 6, 1, tzinfo=UTC)
+    ret = Retention(timedelta(days=30), timedelta(days=7))
+    keys = [KeyView(1, "retired", 0, zero_rows_since=t - timedelta(days=31)),
+            KeyView(2, "retired", 0, zero_rows_since=t - timedelta(days=3)),
+            KeyView(3, "retired", 5, zero_rows_since=None),
+            KeyView(4, "disabled", 0, disabled_at=t - timedelta(days=8),
+                    destroy_after=t - timedelta(days=1)),
+            KeyView(5, "disabled", 2, disabled_at=t - timedelta(days=9)),
+            KeyView(6, "active", 100)]
+    plan = [(s.version, s.action, s.ready) for s in retention_plan(keys, ret, t)]
+    assert plan == [(1, "disable", True), (2, "disable", False), (4, "destroy", True)]
+    # without a retention policy only a destroy already scheduled stays in the plan
+    assert [(s.version, s.action) for s in retention_plan(keys, None, t)] == [(4, "destroy")]

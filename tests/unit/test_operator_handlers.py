@@ -41,7 +41,7 @@ class Recorder:
 def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     r = Recorder()
     monkeypatch.setattr(kube, "patch_status",
-                        lambda ns, name, status: r.patches.append(status))
+                        lambda ns, name, status, rv=None: r.patches.append(status))
     monkeypatch.setattr(settings, "current", settings.OperatorSettings())
     yield r
 

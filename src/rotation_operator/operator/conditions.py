@@ -12,8 +12,9 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-READY, ROTATING, DEGRADED, KEK_WEAK = "Ready", "Rotating", "Degraded", "KEKWeak"
-_ORDER = (READY, ROTATING, DEGRADED, KEK_WEAK)
+READY, ROTATING, DEGRADED = "Ready", "Rotating", "Degraded"
+KEK_WEAK, KEY_USAGE = "KEKWeak", "KeyUsageHigh"
+_ORDER = (READY, ROTATING, DEGRADED, KEK_WEAK, KEY_USAGE)
 MAX_MESSAGE = 1024
 
 

@@ -79,14 +79,25 @@ def get_policy(namespace: str, name: str) -> dict[str, Any] | None:
     return dict(obj)
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    """Merge-patch the status subresource of one EncryptionPolicy."""
+class Conflict(Exception):
+    """The object changed since it was read (a conditional patch was refused)."""
+
+
+def patch_status(namespace: str, name: str, status: dict[str, Any],
+                 resource_version: str | None = None) -> None:
+    """Merge-patch the status subresource of one EncryptionPolicy; with
+    ``resource_version``, only if the object is still that version (else :class:`Conflict`):
+    conditions computed from a read are never written over a newer writer's."""
+    body: dict[str, Any] = {"status": status}
+    if resource_version is not None:
+        body["metadata"] = {"resourceVersion": resource_version}
     try:
         _call("patch_status", f"status update of {namespace}/{name}",
               lambda: client.CustomObjectsApi().patch_namespaced_custom_object_status(
-                  GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-                  _request_timeout=TIMEOUT))
+                  GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=TIMEOUT))
     except ApiException as exc:
+        if exc.status == 409:
+            raise Conflict(f"{namespace}/{name} changed meanwhile") from None
         if exc.status == 404:
             return  # deleted meanwhile: deleting stops management, nothing to report
         if exc.status == 403:

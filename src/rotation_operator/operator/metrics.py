@@ -39,6 +39,8 @@ LAST_FINISHED = Gauge("rotation_operator_last_rotation_finished_timestamp_second
 ACTIVE = Gauge("rotation_operator_active_key_version", "Version of the active DEK", LABELS)
 ACTIVE_CREATED = Gauge("rotation_operator_active_key_created_timestamp_seconds",
                        "When the active DEK was created (unix time)", LABELS)
+MAX_KEY_AGE = Gauge("rotation_operator_max_key_age_seconds",
+                    "spec.rotation.maxKeyAge, when the policy sets one", LABELS)
 SECRETS = Gauge("rotation_operator_secret_rows", "Rows in all targets", LABELS)
 LEGACY = Gauge("rotation_operator_legacy_rows", "Rows still under the KEK directly", LABELS)
 STALE = Gauge("rotation_operator_stale_rows", "Rows not under the active key", LABELS)
@@ -117,7 +119,8 @@ def observe_conditions(namespace: str, name: str,
 def forget(namespace: str, name: str) -> None:
     """Drop every series of a policy that is gone."""
     for metric in (IN_PROGRESS, ROWS_DONE, ROWS_TOTAL, LAST_PROGRESS, LAST_FINISHED, ACTIVE,
-                   ACTIVE_CREATED, SECRETS, LEGACY, STALE, RETIRED, KEY_ROWS, CONDITION):
+                   ACTIVE_CREATED, SECRETS, LEGACY, STALE, RETIRED, KEY_ROWS, CONDITION,
+                   MAX_KEY_AGE):
         for labels in list(metric._metrics):
             if labels[:2] == (namespace, name):
                 metric.remove(*labels)

@@ -21,11 +21,23 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from .. import crypto
-from ..config import RotationOptions, StoreConfig, Target
-from ..decisions import Action, Decision, Request, decide, wants_rotation
+from ..config import RotationOptions, StoreConfig, Target, key_age
+from ..decisions import (
+    Action,
+    Decision,
+    Request,
+    Retention,
+    State,
+    decide,
+    next_rotation_due,
+    rotation_helps,
+    usage_high,
+    wants_rotation,
+)
 from ..engine import Engine, RotationResult
 from ..errors import (
     ConfigError,
@@ -34,10 +46,11 @@ from ..errors import (
     RotationOperatorError,
     RotationPaused,
 )
-from ..inspection import Snapshot, snapshot
+from ..inspection import Snapshot, rfc3339, snapshot
 from ..kek import Kek, SecretKek
+from ..lifecycle import MIN_DAYS, Lifecycle, Outcome
 from . import conditions, kube, metrics
-from .conditions import DEGRADED, KEK_WEAK, READY, ROTATING
+from .conditions import DEGRADED, KEK_WEAK, KEY_USAGE, READY, ROTATING
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -46,6 +59,9 @@ _busy_guard = threading.Lock()
 #: Ready reasons the refresh timer may clear once counts can be read again.
 _TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden", "KubernetesUnavailable")
 _ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP, Action.REKEY)
+#: maxEncryptionsPerKey by default: 2^30, a quarter of NIST SP 800-38D's 2^32 bound for
+#: random 96-bit nonces under one key.
+DEFAULT_MAX_ENCRYPTIONS = 1 << 30
 #: Every field of ``status.rotation``: each write names all of them (None deletes one in a
 #: merge patch), so the object always describes the one rotation it names.
 ROTATION_FIELDS = ("phase", "kind", "mode", "policyVersion", "fromVersion", "toVersion", "done",
@@ -92,6 +108,32 @@ class Policy:
     def paused(self) -> bool:
         return bool((self.spec.get("rotation") or {}).get("paused", False))
 
+    def request(self, now: datetime | None = None) -> Request:
+        """What this policy asks of the database now: its version, and what it wants done
+        by itself (a maximum key age, a usage bound)."""
+        r = self.spec.get("rotation") or {}
+        age = r.get("maxKeyAge")
+        limit = r.get("maxEncryptionsPerKey", DEFAULT_MAX_ENCRYPTIONS)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(f"maxEncryptionsPerKey {limit!r} is not a positive integer")
+        return Request("policy", self.desired, self.paused, now or datetime.now(UTC),
+                       key_age(age) if age else None, limit,
+                       bool(r.get("rotateOnUsage", False)))
+
+    def retention(self) -> Retention | None:
+        ret = self.spec.get("retention")
+        if not ret:
+            return None
+        days = {}
+        for field in ("disableAfterDays", "destroyAfterDays"):
+            value = ret.get(field, MIN_DAYS)
+            if not isinstance(value, int) or isinstance(value, bool) or value < MIN_DAYS:
+                raise ConfigError(f"retention.{field} {value!r} is below {MIN_DAYS} days: a key "
+                                  "destroyed early cannot be brought back")
+            days[field] = value
+        return Retention(timedelta(days=days["disableAfterDays"]),
+                         timedelta(days=days["destroyAfterDays"]))
+
     def store_config(self) -> StoreConfig:
         db = self.spec.get("database") or {}
         targets = [Target.from_spec(t) for t in self.spec.get("targets") or []]
@@ -131,16 +173,17 @@ class StatusWriter:
         self.conds = conditions.set_condition(self.conds, type_, status, reason, message,
                                               self.policy.generation)
 
-    def patch(self, fields: Mapping[str, Any] | None = None, *, with_conditions: bool = True
-              ) -> None:
+    def patch(self, fields: Mapping[str, Any] | None = None, *, with_conditions: bool = True,
+              resource_version: str | None = None) -> None:
         body: dict[str, Any] = dict(fields or {})
         if "rotation" in body:
             self.rotation = dict(body["rotation"])
         if with_conditions:
             body["conditions"] = self.conds
             body["observedGeneration"] = self.policy.generation
+        kube.patch_status(self.policy.namespace, self.policy.name, body, resource_version)
+        if with_conditions:
             metrics.observe_conditions(self.policy.namespace, self.policy.name, self.conds)
-        kube.patch_status(self.policy.namespace, self.policy.name, body)
 
 
 class Control:
@@ -152,23 +195,27 @@ class Control:
         self.interval = interval
         self._checked = time.monotonic()
 
-    def __call__(self) -> None:
+    def __call__(self) -> int | None:
+        """Raise to stop; otherwise the ``spec.version`` asked for now (when looked up)."""
         if time.monotonic() - self._checked < self.interval:
-            return
+            return None
         self._checked = time.monotonic()
         p = self.policy
         try:
             obj = kube.get_policy(p.namespace, p.name)
         except KubernetesUnavailable as exc:  # keep going; the next check may answer
             log.warning("could not look up %s/%s between batches: %s", p.namespace, p.name, exc)
-            return
+            return None
         meta = (obj or {}).get("metadata") or {}
         if obj is None or meta.get("deletionTimestamp") or (p.uid and meta.get("uid") != p.uid):
             raise RotationCancelled(f"policy {p.namespace}/{p.name} was deleted: rotation "
                                     "stopped between batches (a re-created policy resumes it)")
-        if ((obj.get("spec") or {}).get("rotation") or {}).get("paused"):
+        spec = obj.get("spec") or {}
+        if (spec.get("rotation") or {}).get("paused"):
             raise RotationPaused("spec.rotation.paused was set: rotation stopped between "
                                  "batches; clear it to resume")
+        version = spec.get("version")
+        return version if isinstance(version, int) else None
 
 
 @dataclass
@@ -279,7 +326,7 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
     desired = policy.desired
     engine = Engine(dsn, cfg, keks.current, actor=policy.actor, owner=policy.owner,
                     previous=keks.previous)
-    request = Request("policy", desired, policy.paused)
+    request = policy.request()
     result: RotationResult | None = None
     with policy_lock(policy):
         prepared = engine.prepare(desired)
@@ -309,6 +356,39 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
                                   f"under the KEK {keks.current.fingerprint}")
     _write_ready(policy, writer, snap, result, decision, keks)
     return decision.message if result is None else _summary(result)
+
+
+def schedule_fields(policy: Policy, snap: Snapshot, request: Request) -> dict[str, Any]:
+    """``status.nextRotationDue``, and the usage of the active key."""
+    active = snap.active_key
+    state = State(snap.active_version or 0, snap.served_version, None,
+                  active_created=active.created_at if active else None,
+                  active_encryptions=max(active.encryptions, active.rows) if active else 0)
+    due = next_rotation_due(request, state)
+    if request.max_key_age is not None:
+        metrics.MAX_KEY_AGE.labels(policy.namespace, policy.name).set(
+            request.max_key_age.total_seconds())
+    return {"nextRotationDue": rfc3339(due)}
+
+
+def _usage(writer: StatusWriter, snap: Snapshot, request: Request) -> None:
+    active = snap.active_key
+    if active is None or request.max_encryptions is None:
+        return
+    used = max(active.encryptions, active.rows)
+    state = State(active.version, None, None, active_encryptions=used)
+    if usage_high(request, state):
+        too_big = snap.secret_count >= request.max_encryptions // 2
+        hint = (" (the targets hold so many rows that every new key starts near the bound: "
+                "raise maxEncryptionsPerKey)" if too_big else "")
+        writer.condition(KEY_USAGE, True, "UsageBoundNear" if not too_big else "TableNearBound",
+                         f"DEK v{active.version} has encrypted about {used} values of the "
+                         f"{request.max_encryptions} one key may (maxEncryptionsPerKey): "
+                         "rotate it" + (", as the policy does by itself" if request.rotate_on_usage
+                                        else " (or set rotation.rotateOnUsage)") + hint)
+    elif conditions.get(writer.conds, KEY_USAGE) is not None:
+        writer.condition(KEY_USAGE, False, "UsageBoundFar",
+                         f"DEK v{active.version} has encrypted about {used} values")
 
 
 def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer: StatusWriter,
@@ -431,9 +511,12 @@ def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
                          "generate one with `openssl rand -base64 32` and rekey to it")
     elif conditions.get(writer.conds, KEK_WEAK) is not None:
         writer.condition(KEK_WEAK, False, "KEKRandom", "the KEK does not look like text")
+    request = policy.request()
+    _usage(writer, snap, request)
     # Metrics first: whoever sees the status (kubectl wait) may scrape right after.
     metrics.observe_counts(policy.namespace, policy.name, snap)
-    writer.patch({**snapshot_fields(snap), **kek_fields(snap, keks)})
+    writer.patch({**snapshot_fields(snap), **kek_fields(snap, keks),
+                  **schedule_fields(policy, snap, request)})
 
 
 def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> None:
@@ -451,8 +534,10 @@ def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> Non
         writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
 
 
-def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None = None) -> bool:
-    """Timer: refresh counts and keys, and sweep rows found under a retired key.  False if
+def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None = None,
+            now: datetime | None = None) -> bool:
+    """Timer: refresh counts and keys, sweep rows found under a retired key, take the
+    retention steps that are due, and start a scheduled rotation when one is due.  False if
     a reconciliation is busy.
 
     Counting needs the DSN only.  Clearing a transient failure (Ready=False because a
@@ -463,9 +548,11 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         # Never initialised (e.g. the KEK Secret is missing): there are no key tables to
         # count yet, and creating them is reconcile's job, after it has proved the KEK.
         return True
+    now = now or datetime.now(UTC)
     ready = conditions.get(policy.conditions(), READY)
     transient = ready is not None and ready.get("reason") in _TRANSIENT
     cfg = policy.store_config()
+    request = policy.request(now)
     lock = policy_lock(policy)
     if not lock.acquire(blocking=False):
         return False
@@ -486,16 +573,85 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         if snap.retired_count and snap.running is None and not policy.paused:
             interval = settings.control_interval if settings else 2.0
             snap = _sweep(policy, events, cfg, interval)
+        outcome = _lifecycle(policy, events, dsn, cfg, snap, now)
+        if outcome.done or outcome.changed:
+            snap = snapshot(dsn, cfg)
+        due = _scheduled_due(snap, request)
     finally:
         lock.release()
-    writer = StatusWriter(policy)
+    if due and settings is not None:
+        # A scheduled rotation is a reconcile like any other (decided there, by the same
+        # function, with the same clock); it writes the full status.
+        reconcile(policy, settings, events)
+        return True
+    fields = {**snapshot_fields(snap), **kek_fields_from_status(snap, policy.status),
+              **schedule_fields(policy, snap, request), "retention": retention_fields(outcome)}
+    metrics.observe_counts(policy.namespace, policy.name, snap)
+    _refresh_conditions(policy, snap, request, healed, fields)
+    return True
+
+
+def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed: bool,
+                        fields: dict[str, Any]) -> None:
+    """The counts always; the conditions the refresh owns only if it changes one, computed
+    on the object as it is now and written only if it is still that version: a reconcile
+    that ran meanwhile must not see its conditions overwritten by an older body's."""
+    current = kube.get_policy(policy.namespace, policy.name)
+    if current is None:
+        return
+    meta = current.get("metadata") or {}
+    fresh = Policy(policy.namespace, policy.name, int(meta.get("generation") or 0),
+                   current.get("spec") or {}, current.get("status") or {},
+                   str(meta.get("uid") or ""))
+    writer = StatusWriter(fresh)
+    before = [dict(c) for c in writer.conds]
     if healed:
         writer.condition(READY, True, "KeysReady", f"active key v{snap.active_version}; "
                                                    "database and Secrets reachable again")
     _degraded(writer, snap, clear_other=healed)
-    metrics.observe_counts(policy.namespace, policy.name, snap)
-    writer.patch({**snapshot_fields(snap), **kek_fields_from_status(snap, policy.status)})
-    return True
+    _usage(writer, snap, request)
+    if writer.conds == before:
+        writer.patch(fields, with_conditions=False)
+        return
+    try:
+        writer.patch(fields, resource_version=str(meta.get("resourceVersion") or ""))
+    except kube.Conflict:  # someone wrote meanwhile: counts now, conditions next time
+        writer.patch(fields, with_conditions=False)
+
+
+def _scheduled_due(snap: Snapshot, request: Request) -> bool:
+    """Whether the policy's own schedule (age, usage) asks for a rotation now."""
+    if snap.running is not None or request.paused or snap.active_key is None:
+        return False
+    active = snap.active_key
+    state = State(active.version, snap.served_version, None, active_created=active.created_at,
+                  active_encryptions=max(active.encryptions, active.rows),
+                  rows=snap.secret_count)
+    due = next_rotation_due(request, state)
+    return (due is not None and request.now is not None and request.now >= due) or (
+        request.rotate_on_usage and usage_high(request, state)
+        and rotation_helps(request, state))
+
+
+def _lifecycle(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig, snap: Snapshot,
+               now: datetime) -> Outcome:
+    """The census, and the retention steps that are due (none while paused)."""
+    outcome = Lifecycle(dsn, cfg, actor=policy.actor).run(
+        policy.retention(), now, snap.rows_per_key(), apply=not policy.paused)
+    for step in outcome.done:
+        what = "disabled (no ring unwraps it; `keys enable` undoes it)" \
+            if step.action == "disable" else "destroyed (its wrapped bytes are erased)"
+        events.warn("KeyDisabled" if step.action == "disable" else "KeyDestroyed",
+                    f"DEK v{step.version} {what}: spec.retention")
+    for message in outcome.refused:
+        events.warn("KeyInUse", message)
+    return outcome
+
+
+def retention_fields(outcome: Outcome) -> dict[str, Any]:
+    """``status.retention``: the next step of each key's end of life (the dry run)."""
+    return {"steps": [{"version": s.version, "action": s.action, "due": rfc3339(s.due),
+                       "ready": s.ready} for s in outcome.plan if s not in outcome.done]}
 
 
 def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) -> Snapshot:
