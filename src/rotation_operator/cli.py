@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(read-only, needs no KEK)")
     _store_args(status, kek=False)
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument("--exact", action="store_true",
+                        help="count every row (a full scan of each target); by default "
+                             "tables over 100000 rows are estimated from the planner's "
+                             "statistics, and the output says which")
     status.set_defaults(func=cmd_status)
 
     rotate = sub.add_parser("rotate", help="rotate to a new DEK and re-encrypt every row")
@@ -176,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--confirm-destroy", type=int, metavar="VERSION",
                                 help="required, the same VERSION again: destruction cannot be "
                                      "undone, and restored backups that need the key fail")
+    plan.add_argument("--assume-now", metavar="ISO8601", default=None,
+                      help="show the plan as it would be at this time (a rehearsal: writes "
+                           "nothing; the steps themselves always use the database's clock)")
     for action in keys_sub.choices.values():
         _store_args(action, kek=False)
-        action.add_argument("--assume-now", metavar="ISO8601", default=None,
-                            help="act as if it were this time (rehearsals and tests; the "
-                                 "audit log still records the real time)")
         action.add_argument("-o", "--output", choices=("text", "json"), default="text")
     keys.set_defaults(func=cmd_keys)
 
@@ -204,6 +208,15 @@ def _rotation_args(p: argparse.ArgumentParser) -> None:
                    help="longest wait for a lock per statement (default 5; 0 = forever)")
     p.add_argument("--statement-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="longest run of one statement (default 600; 0 = no limit)")
+    t = p.add_argument_group("throttling (online batches; see README \"Throttling\")")
+    t.add_argument("--max-rows-per-second", type=int, default=0, metavar="N",
+                   help="rows per second over all workers (default 0 = no limit)")
+    t.add_argument("--max-replication-lag", type=_lag, default=None, metavar="DURATION",
+                   help="pause while a streaming replica replays more than this behind "
+                        "(e.g. 10s; the role needs pg_monitor)")
+    t.add_argument("--max-blocked-sessions", type=int, default=None, metavar="N",
+                   help="back off after a batch kept more than N application sessions "
+                        "waiting on its locks")
     p.add_argument("--no-vacuum", action="store_true",
                    help="skip VACUUM (ANALYZE) of the targets afterwards")
     p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
@@ -219,7 +232,10 @@ def _options(args: argparse.Namespace) -> RotationOptions:
                            max_batch_bytes=args.max_batch_bytes,
                            lock_timeout=args.lock_timeout,
                            statement_timeout=args.statement_timeout,
-                           handover_timeout=getattr(args, "handover_timeout", 300.0))
+                           handover_timeout=getattr(args, "handover_timeout", 300.0),
+                           max_rows_per_second=args.max_rows_per_second,
+                           max_replication_lag=args.max_replication_lag,
+                           max_blocked_sessions=args.max_blocked_sessions)
 
 
 def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
@@ -361,7 +377,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .inspection import snapshot
 
-    snap = snapshot(_dsn(args), _config(args))
+    snap = snapshot(_dsn(args), _config(args), exact=args.exact)
     data = snapshot_dict(snap)
     if args.output == "json":
         print(json.dumps(data, indent=2, default=str))
@@ -370,6 +386,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"secrets: {snap.secret_count}   legacy: {snap.legacy_count}   "
           f"stale: {snap.stale_count}   under retired keys: {snap.retired_count}   "
           f"audit events: {snap.audit_events}")
+    print("counts: exact" if snap.exact else
+          "counts: estimated from the planner's statistics (--exact counts every row)")
     print(f"\n{'VERSION':<8} {'STATE':<9} {'ROWS':>10}  {'CREATED':<25} ROTATED BY")
     for k in snap.keys:
         print(f"v{k.version:<7} {k.state:<9} {k.rows:>10}  {k.created_at:%Y-%m-%d %H:%M:%S%z}"
@@ -410,6 +428,7 @@ class _ProgressBar:
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.start = time.monotonic()
+        self.reason: str | None = None
 
     def __call__(self, done: int, total: int) -> None:
         if not self.tty:
@@ -423,6 +442,25 @@ class _ProgressBar:
     def close(self) -> None:
         if self.tty:
             sys.stderr.write("\n")
+
+    def throttled(self, reason: str | None, message: str, lag: float | None) -> None:
+        """One stderr line when the rotation starts or stops waiting for a limit."""
+        if reason == self.reason:
+            return
+        self.reason = reason
+        line = f"throttled: {message}" if reason else "throttle: resumed"
+        sys.stderr.write(("\r" if self.tty else "") + line + "\n")
+        sys.stderr.flush()
+
+
+def _lag(value: str) -> float:
+    from .config import parse_duration
+    from .errors import ConfigError
+
+    try:
+        return parse_duration(value, "maxReplicationLag").total_seconds()
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(value: str) -> int:
@@ -443,7 +481,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     bar = _ProgressBar()
     try:
         res = engine.rotate(args.policy_version, _options(args), progress=bar,
-                            lock_wait=args.wait_lock)
+                            lock_wait=args.wait_lock, throttled=bar.throttled)
     finally:
         bar.close()
     return _print_result(args, res)
@@ -475,10 +513,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from .decisions import Retention
     from .lifecycle import MIN_DAYS, Lifecycle
 
+    assumed = getattr(args, "assume_now", None)
     try:
-        now = datetime.fromisoformat(args.assume_now) if args.assume_now else datetime.now(UTC)
+        now = datetime.fromisoformat(assumed) if assumed else datetime.now(UTC)
     except ValueError:
-        raise ConfigError(f"--assume-now {args.assume_now!r} is not an ISO 8601 time") from None
+        raise ConfigError(f"--assume-now {assumed!r} is not an ISO 8601 time") from None
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     life = Lifecycle(_dsn(args), _config(args), actor=_actor(args))
@@ -490,7 +529,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 raise ConfigError(f"retention periods are at least {MIN_DAYS} days")
             retention = Retention(timedelta(days=args.disable_after_days),
                                   timedelta(days=args.destroy_after_days))
-        outcome = life.run(retention, now, apply=False)
+        outcome = life.run(retention, now, apply=False, record=not assumed)
         steps = [{"version": s.version, "action": s.action, "due": s.due.isoformat(),
                   "ready": s.ready} for s in outcome.plan]
         if args.output == "json":
@@ -509,12 +548,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         raise ConfigError(f"destroying DEK v{args.version} cannot be undone: pass "
                           f"--confirm-destroy {args.version}")
     if command == "disable":
-        life.disable(args.version, now, destroy_after=timedelta(days=MIN_DAYS))
+        life.disable(args.version, now)
     elif command == "enable":
         life.enable(args.version)
     else:
         life.destroy(args.version, now)
-    done = {"disable": "disabled", "enable": "enabled", "destroy": "destroyed"}[command]
+    done = {"disable": "disabled (undo with `keys enable`; nothing destroys it but `keys "
+                       f"destroy {args.version}` from {MIN_DAYS} days on, or a policy's "
+                       "spec.retention)",
+            "enable": "enabled", "destroy": "destroyed"}[command]
     print(f"DEK v{args.version} {done}")
     return EXIT_OK
 
@@ -526,7 +568,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     previous=_previous(args))
     bar = _ProgressBar()
     try:
-        res = engine.sweep(_options(args), progress=bar, lock_wait=args.wait_lock)
+        res = engine.sweep(_options(args), progress=bar, lock_wait=args.wait_lock,
+                           throttled=bar.throttled)
     finally:
         bar.close()
     return _print_result(args, res)

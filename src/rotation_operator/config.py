@@ -23,6 +23,8 @@ KEYS_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
 Mode = Literal["Online", "Atomic"]
 MODES: tuple[Mode, ...] = ("Online", "Atomic")
 MIN_BATCH, MAX_BATCH, DEFAULT_BATCH = 100, 50_000, 5_000
+#: The largest rate or session limit a policy may set.
+MAX_LIMIT = 10_000_000
 #: Column types a key-id column may have.
 KEY_INT_TYPES = ("smallint", "integer", "bigint")
 MIN_BATCH_BYTES, MAX_BATCH_BYTES, DEFAULT_BATCH_BYTES = 1 << 20, 1 << 30, 8 << 20
@@ -154,6 +156,14 @@ class RotationOptions:
     handover_timeout: float = 300.0
     #: Seconds between checks that the rotation lock's session is alive.
     heartbeat: float = 1.0
+    #: Rows per second over all workers (0 = as fast as it goes).
+    max_rows_per_second: int = 0
+    #: Seconds a streaming replica may replay behind before batches pause (None = no
+    #: limit).  Needs ``pg_monitor`` to read ``pg_stat_replication``.
+    max_replication_lag: float | None = None
+    #: Application sessions a batch may keep waiting on its row locks before the rotation
+    #: backs off (None = no limit).
+    max_blocked_sessions: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -185,6 +195,24 @@ class RotationOptions:
             raise ConfigError(f"workers {self.workers} is outside 1..8")
         if self.heartbeat <= 0:
             raise ConfigError("heartbeat must be more than 0 seconds")
+        for name, count in (("maxRowsPerSecond", self.max_rows_per_second),
+                            ("maxBlockedSessions", self.max_blocked_sessions)):
+            if count is not None and (not isinstance(count, int) or isinstance(count, bool)
+                                      or not 0 <= count <= MAX_LIMIT):
+                raise ConfigError(f"{name} {count!r} is not an integer in 0..{MAX_LIMIT}")
+        lag = self.max_replication_lag
+        if lag is not None and (isinstance(lag, bool) or not isinstance(lag, int | float)
+                                or not 0 < lag <= 86400):
+            raise ConfigError(f"maxReplicationLag {lag!r} is outside 0..86400 seconds "
+                              "(more than 0)")
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Rows per batch: with a rate limit, about a quarter second's worth at most, so
+        the rate holds smoothly rather than in bursts of whole batches."""
+        if not self.max_rows_per_second:
+            return self.batch_size
+        return max(MIN_BATCH, min(self.batch_size, self.max_rows_per_second // 4))
 
     def replace(self, **changes: Any) -> RotationOptions:
         return dataclasses.replace(self, **changes)
@@ -192,6 +220,8 @@ class RotationOptions:
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The longest duration a policy may name (beyond it, date arithmetic overflows).
+MAX_DURATION = timedelta(days=36500)
 #: The shortest maxKeyAge: shorter would rotate more or less continuously.
 MIN_KEY_AGE = timedelta(seconds=10)
 
@@ -201,6 +231,8 @@ def parse_duration(text: object, what: str) -> timedelta:
     if not isinstance(text, str) or not text or _DURATION.sub("", text) != "":
         raise ConfigError(f"{what} {text!r} is not a duration like 90d, 2160h or 1h30m")
     seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
+    if seconds > MAX_DURATION.total_seconds():
+        raise ConfigError(f"{what} {text!r} is longer than 100 years")
     return timedelta(seconds=seconds)
 
 

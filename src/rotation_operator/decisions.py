@@ -240,8 +240,10 @@ def retention_plan(keys: Sequence[KeyView], retention: Retention | None, now: da
                    ) -> list[Step]:
     """The next step of every key's end of life, and whether it is due (the dry run).
 
-    Nothing happens to a key any row references; nothing without ``retention`` but a
-    destroy already scheduled on a disabled key.
+    Nothing happens to a key any row references, and nothing at all without
+    ``retention``: a key disabled by hand (``keys disable``) is destroyed only by hand.
+    A disabled key's destroy is due after the policy's waiting period, and never before
+    the date stored when it was disabled.
     """
     steps = []
     for k in keys:
@@ -250,12 +252,11 @@ def retention_plan(keys: Sequence[KeyView], retention: Retention | None, now: da
         if k.state == "retired" and retention is not None and k.zero_rows_since is not None:
             due = k.zero_rows_since + retention.disable_after
             steps.append(Step(k.version, "disable", due, now >= due))
-        elif k.state == "disabled":
-            when = k.destroy_after or (
-                k.disabled_at + retention.destroy_after
-                if retention is not None and k.disabled_at is not None else None)
-            if when is not None:
-                steps.append(Step(k.version, "destroy", when, now >= when))
+        elif k.state == "disabled" and retention is not None and k.disabled_at is not None:
+            when = k.disabled_at + retention.destroy_after
+            if k.destroy_after is not None:
+                when = max(when, k.destroy_after)
+            steps.append(Step(k.version, "destroy", when, now >= when))
     return steps
 
 

@@ -50,6 +50,7 @@ from .errors import (
     RotationOperatorError,
     RotationStuck,
     RowDecryptError,
+    RowsUnderUnusableKey,
     SchemaError,
 )
 from .inspection import migrated
@@ -64,8 +65,9 @@ from .keystore import (
     has_legacy_rows,
     raise_legacy_needs_raw,
 )
-from .locks import RotationLock
+from .locks import InFlight, RotationLock, in_flight, still_open
 from .tables import Layout, inspect
+from .throttle import Throttle, ThrottleFn
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -250,10 +252,12 @@ class Engine:
     # -- act -----------------------------------------------------------------------------
     def execute(self, request: Request, options: RotationOptions | None = None, *,
                 prepared: Prepared | None = None, progress: ProgressFn | None = None,
-                control: ControlFn | None = None, lock_wait: float = 0.0) -> RotationResult:
+                control: ControlFn | None = None, lock_wait: float = 0.0,
+                throttled: ThrottleFn | None = None) -> RotationResult:
         """Carry out ``request``: decide (again, under the lock, on fresh records) and act.
 
         ``prepared``: this pass's :meth:`prepare`, when the caller already ran it.
+        ``throttled``: told when the rotation waits for its limits, and when it stops.
         """
         options = options or RotationOptions()
         started = time.monotonic()
@@ -277,7 +281,8 @@ class Engine:
                             self._kek.fingerprint, counted, request, prepared.layouts)
             decision = decide(request, state)
             if decision.action is Action.REKEY:  # first the KEK, then whatever else is due
-                run = _Run(self, conn, lock, prepared, options, timeouts, progress, control)
+                run = _Run(self, conn, lock, prepared, options, timeouts, progress, control,
+                           throttled)
                 rekeyed = run.rekey()
                 prepared = dataclasses.replace(prepared, ring=run.ring)
                 state = observe(conn, self.store, run.ring.active_version,
@@ -286,9 +291,11 @@ class Engine:
             if decision.action not in _ACTS:
                 return dataclasses.replace(_nothing(request, options, state, decision),
                                            rekeyed=rekeyed, performed=bool(rekeyed))
+            self._check_usable(conn, prepared.layouts)
             if options.vacuum:
                 sizes = _sizes(conn, prepared.layouts)
-            run = _Run(self, conn, lock, prepared, options, timeouts, progress, control)
+            run = _Run(self, conn, lock, prepared, options, timeouts, progress, control,
+                       throttled)
             if options.mode == "Atomic" and decision.action is not Action.SWEEP:
                 run.check_lock_privilege()  # before anything is minted
             result = dataclasses.replace(run.act(decision, request), rekeyed=rekeyed)
@@ -301,7 +308,7 @@ class Engine:
     def rotate(self, requested_version: int | None = None,
                options: RotationOptions | None = None, *,
                progress: ProgressFn | None = None, control: ControlFn | None = None,
-               lock_wait: float = 0.0) -> RotationResult:
+               lock_wait: float = 0.0, throttled: ThrottleFn | None = None) -> RotationResult:
         """Rotate for ``requested_version`` (a policy version), or a manual rotation that
         uses up no policy version when it is ``None``.  Idempotent per policy version;
         resumes an interrupted rotation; raises :class:`LockHeld` if another rotator runs.
@@ -309,14 +316,34 @@ class Engine:
         request = Request("policy", requested_version) if requested_version is not None \
             else Request("manual")
         return self.execute(request, options, progress=progress, control=control,
-                            lock_wait=lock_wait)
+                            lock_wait=lock_wait, throttled=throttled)
 
     def sweep(self, options: RotationOptions | None = None, *,
               prepared: Prepared | None = None, progress: ProgressFn | None = None,
-              control: ControlFn | None = None, lock_wait: float = 0.0) -> RotationResult:
+              control: ControlFn | None = None, lock_wait: float = 0.0,
+              throttled: ThrottleFn | None = None) -> RotationResult:
         """Move rows under retired keys onto the active key (no new key)."""
         return self.execute(Request("sweep"), options, prepared=prepared, progress=progress,
-                            control=control, lock_wait=lock_wait)
+                            control=control, lock_wait=lock_wait, throttled=throttled)
+
+    def _check_usable(self, conn: Conn, layouts: Sequence[Layout]) -> None:
+        """Refuse before minting when a row names a disabled or destroyed key: no ring
+        reads it, so every pass would stop on it."""
+        unusable = {k.version: k.state for k in self.store.list_keys(conn)
+                    if k.state in ("disabled", "destroyed")}
+        if not unusable:
+            return
+        found = self.store.referenced_any(conn, layouts, sorted(unusable))
+        if found is None:
+            return
+        table, row_id, version = found
+        state = unusable[version]
+        way_out = ("`keys enable` it, rotate, then disable it again" if state == "disabled"
+                   else "its DEK is erased, so the row cannot be decrypted by anyone: delete "
+                        "it, or have the application write its value anew")
+        raise RowsUnderUnusableKey(
+            f"row {row_id!r} of {table} is under DEK v{version}, which is {state} (restored "
+            f"from an earlier backup?): no rotation can move it; {way_out}")
 
     def _vacuum(self, layouts: Iterable[Layout], before: dict[str, int]
                 ) -> tuple[dict[str, tuple[int, int]], tuple[str, ...]]:
@@ -377,7 +404,7 @@ class _Run:
 
     def __init__(self, engine: Engine, conn: Conn, lock: RotationLock, prepared: Prepared,
                  options: RotationOptions, timeouts: Timeouts, progress: ProgressFn | None,
-                 control: ControlFn | None) -> None:
+                 control: ControlFn | None, throttled: ThrottleFn | None = None) -> None:
         self.e = engine
         self.store = engine.store
         self.conn = conn
@@ -390,6 +417,9 @@ class _Run:
         self._control = control
         self.counter = _Counter()
         self.claim: _Claim | None = None
+        #: Online batches wait here for the policy's limits (Atomic mode is one
+        #: transaction holding a write lock: waiting inside it would only hurt more).
+        self.throttle = Throttle(conn, options, throttled, self.sleep)
         #: A sweep also moves legacy rows once a rotation has moved them (one written later
         #: is under the KEK, not the active key), when the KEK's bytes are at hand.
         self.sweeps_legacy = prepared.ring.reads_legacy and migrated(
@@ -522,18 +552,22 @@ class _Run:
         assert claim is not None
         return mover.Work(layout, layout.heaps[heap_index],
                           mover.Fence(claim.record_id, claim.fence, claim.to_version)
-                          if fenced else None, legacy, self.options.batch_size,
-                          self.options.max_batch_bytes)
+                          if fenced else None, legacy, self.options.effective_batch_size,
+                          self.options.max_batch_bytes,
+                          count_blocked=fenced and self.options.max_blocked_sessions is not None)
 
     def _pass(self, *, legacy: bool) -> tuple[int, int]:
         """One pass over every heap of every target; returns (rows moved, rows read)."""
         before_done, read = self.counter.done, [0]
 
-        def on_batch(moved: int, legacy_moved: int, rows_read: int) -> None:
+        def on_batch(moved: int, legacy_moved: int, rows_read: int, blocked: int) -> None:
             self.counter.done += moved
             self.counter.legacy += legacy_moved
             read[0] += rows_read
+            self.throttle.moved(moved, blocked)
             self.report()
+
+        gate = self.throttle.wait if self.throttle.active else None
 
         for layout in self.layouts:
             for i in range(len(layout.heaps)):
@@ -542,11 +576,12 @@ class _Run:
                 if pl.blocks > 16 * pl.step and self.options.workers > 1:
                     mover.run_parallel(self.e.dsn, self.e.cfg, work, self.ring, pl,
                                        self.options.workers, self.timeouts, on_batch,
-                                       self.checkpoint)
+                                       self.checkpoint, gate)
                     continue
                 batch = mover.BatchMover(work, self.ring, self.store)
                 for lo, hi in pl.ranges():
                     self.checkpoint()
+                    self.throttle.wait()
                     batch.move_range(self.conn, pl, lo, hi, own_tx=True, on_batch=on_batch)
         return self.counter.done - before_done, read[0]
 
@@ -635,29 +670,11 @@ class _Run:
             self.store.add_report(self.conn, claim.record_id, {"handover": report})
         return report
 
-    def _in_flight(self) -> tuple[list[tuple[int, str]], list[str]]:
-        """(pid, virtual xid) of every other session of this database in a transaction now,
-        and the xids of its prepared transactions."""
-        vxids = [(int(r[0]), str(r[1])) for r in self.conn.execute(
-            "SELECT l.pid, l.virtualxid FROM pg_locks l JOIN pg_stat_activity a "
-            "ON a.pid = l.pid WHERE l.locktype = 'virtualxid' AND l.mode = 'ExclusiveLock' "
-            "AND l.granted AND a.usesysid IS NOT NULL AND a.datid = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND l.pid <> pg_backend_pid() AND l.pid <> %s",
-            (self.lock.backend_pid,)).fetchall()]
-        xids = [str(r[0]) for r in self.conn.execute(
-            "SELECT transaction::text FROM pg_prepared_xacts "
-            "WHERE database = current_database()").fetchall()]
-        return vxids, xids
+    def _in_flight(self) -> InFlight:
+        return in_flight(self.conn, self.lock.backend_pid)
 
     def _still_open(self, vxids: list[tuple[int, str]], xids: list[str]) -> int:
-        row = self.conn.execute(
-            "SELECT (SELECT count(*) FROM pg_locks l JOIN unnest(%s::int[], %s::text[]) "
-            "AS w(pid, vxid) ON l.pid = w.pid AND l.virtualxid = w.vxid "
-            "WHERE l.locktype = 'virtualxid' AND l.granted) + (SELECT count(*) FROM "
-            "pg_prepared_xacts WHERE transaction::text = ANY(%s::text[]))",
-            ([v[0] for v in vxids], [v[1] for v in vxids], xids)).fetchone()
-        return int(row[0]) if row else 0
+        return still_open(self.conn, (vxids, xids))
 
     # -- atomic --------------------------------------------------------------------------
     def _atomic(self) -> tuple[int, ...]:
@@ -674,7 +691,7 @@ class _Run:
             self.store.check_fence(self.conn, claim.record_id, claim.fence, claim.to_version,
                                    exclusive=True)
 
-            def on_batch(moved: int, legacy_moved: int, read: int) -> None:
+            def on_batch(moved: int, legacy_moved: int, read: int, blocked: int) -> None:
                 self.counter.done += moved
                 self.counter.legacy += legacy_moved
 

@@ -188,6 +188,15 @@ class KeyInUse(RotationOperatorError):
     retry_delay = 300.0
 
 
+class RowsUnderUnusableKey(RotationOperatorError):
+    """A row names a disabled or destroyed key (e.g. restored from an earlier backup): no
+    ring can read it, so no rotation can move it.  Refused before anything is minted."""
+
+    reason = "RowsUnderUnusableKey"
+    retryable = True  # deleting or rewriting the row, or enabling the key, heals it
+    retry_delay = 120.0
+
+
 class ServerUnsupported(ConfigError):
     """The PostgreSQL server is too old (TID range scans need 14 or later)."""
 

@@ -401,7 +401,8 @@ class KeyStore:
             if total == 0:
                 check_no_key_ids(conn, layouts, self.cfg.qualified_keys)
                 check_legacy_kek(conn, kek, layouts)
-                self.insert_key(conn, kek, version=1, actor=actor, policy_version=policy_version)
+                self.insert_key(conn, kek, version=1, actor=actor, policy_version=policy_version,
+                                writes=self.writes(conn, layouts))
                 return True
             if active == 0:
                 raise RotationOperatorError(
@@ -471,26 +472,31 @@ class KeyStore:
 
     # -- the end of a key's life --------------------------------------------------------
     def census(self, conn: Conn, rows: Mapping[int | None, int], now: datetime,
-               writes: int | None = None) -> bool:
+               writes: int | None = None, *, exact: bool = True) -> bool:
         """Record, from a fresh count of rows per key, since when each retired or disabled
         key has had no row, and raise the active key's usage estimate: at least its rows,
         and at least the rows the targets' statistics say were inserted or updated since it
         was minted (every such write encrypted a value under it; the library's writes are
-        not counted one by one).  True if anything changed."""
+        not counted one by one).  Estimated counts (``exact=False``) may stop a key's
+        zero-rows clock but never start it.  True if anything changed."""
         changed = False
         for k in self.list_keys(conn):
             n = rows.get(k.version, 0)
             since = k.zero_rows_since
             if k.state in ("retired", "disabled"):
-                since = since or now if n == 0 else None
-            used = n
-            if k.state == "active" and writes is not None and k.writes_at_mint is not None \
-                    and writes >= k.writes_at_mint:  # statistics can be reset
-                used = max(used, writes - k.writes_at_mint)
-            if since != k.zero_rows_since or used > k.encryptions:
+                since = (since or (now if exact else None)) if n == 0 else None
+            used, base = n, k.writes_at_mint
+            if k.state == "active" and writes is not None:
+                if base is None or writes < base:
+                    # never based (a key minted before usage was counted), or the statistics
+                    # were reset (a failover, pg_stat_reset): count on from what is known
+                    base = writes - k.encryptions
+                used = max(used, writes - base)
+            if since != k.zero_rows_since or used > k.encryptions or base != k.writes_at_mint:
                 conn.execute(sql.SQL(
                     "UPDATE {keys} SET zero_rows_since = %s, encryptions = greatest(encryptions, "
-                    "%s) WHERE version = %s").format(keys=self.keys), (since, used, k.version))
+                    "%s), writes_at_mint = %s WHERE version = %s").format(keys=self.keys),
+                    (since, used, base, k.version))
                 changed = True
         return changed
 
@@ -508,13 +514,21 @@ class KeyStore:
     def referenced(self, conn: Conn, layouts: Sequence[Layout], version: int
                    ) -> tuple[str, object] | None:
         """(target, an id) of a row under key ``version`` in any target, or None."""
+        found = self.referenced_any(conn, layouts, [version])
+        return None if found is None else found[:2]
+
+    def referenced_any(self, conn: Conn, layouts: Sequence[Layout], versions: Sequence[int]
+                       ) -> tuple[str, object, int] | None:
+        """(target, an id, the version) of a row under any of ``versions``, or None: one
+        scan of each target at most."""
         for layout in layouts:
             t = layout.target
-            row = conn.execute(sql.SQL("SELECT {id} FROM {tab} WHERE {kid} = %s LIMIT 1").format(
-                id=sql.Identifier(t.id_column), tab=layout.ident,
-                kid=sql.Identifier(t.key_id_column)), (version,)).fetchone()
+            row = conn.execute(sql.SQL(
+                "SELECT {id}, {kid} FROM {tab} WHERE {kid} = ANY(%s) LIMIT 1").format(
+                    id=sql.Identifier(t.id_column), tab=layout.ident,
+                    kid=sql.Identifier(t.key_id_column)), (list(versions),)).fetchone()
             if row is not None:
-                return layout.display, row[0]
+                return layout.display, row[0], int(row[1])
         return None
 
     def key_for_update(self, conn: Conn, version: int) -> KeyRecord:
@@ -536,8 +550,8 @@ class KeyStore:
 
     def enable(self, conn: Conn, version: int, actor: str) -> None:
         conn.execute(sql.SQL(
-            "UPDATE {keys} SET state = 'retired', disabled_at = NULL, destroy_after = NULL "
-            "WHERE version = %s").format(keys=self.keys), (version,))
+            "UPDATE {keys} SET state = 'retired', disabled_at = NULL, destroy_after = NULL, "
+            "zero_rows_since = NULL WHERE version = %s").format(keys=self.keys), (version,))
         audit.append(conn, self.cfg, "key_enabled", key_version=version, actor=actor)
 
     def destroy(self, conn: Conn, version: int, now: datetime, actor: str) -> None:
@@ -691,6 +705,56 @@ class KeyStore:
         q = sql.SQL("SELECT {kid}, count(*) FROM {t} GROUP BY {kid}").format(
             kid=kid, t=layout.ident)
         return {r[0]: r[1] for r in conn.execute(q).fetchall()}
+
+    def key_estimates(self, conn: Conn, layout: Layout, active: int | None,
+                      exact_below: int) -> tuple[dict[int | None, int], bool]:
+        """Rows per key id in one target without scanning it: per heap, the live rows the
+        statistics count (``n_live_tup``, kept by every commit) spread over key ids as the
+        planner's statistics say (``pg_stats``: the NULL fraction and the most common
+        values, which hold every key id the last ANALYZE sampled; the rest of the mass
+        goes to the active key).  A heap smaller than ``exact_below`` rows, or one never
+        analysed, is counted exactly.  Returns (counts, all counted exactly)."""
+        kid = sql.Identifier(layout.target.key_id_column)
+        totals: dict[int | None, float] = {}
+        exact = True
+        for heap in layout.heaps:
+            row = conn.execute(
+                "SELECT coalesce(s.n_live_tup, greatest(c.reltuples, 0))::float8, "
+                "p.null_frac::float8, p.most_common_vals::text, p.most_common_freqs::float8[] "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid "
+                "LEFT JOIN pg_stats p ON p.schemaname = n.nspname AND p.tablename = c.relname "
+                "AND p.attname = %s AND NOT p.inherited WHERE c.oid = %s",
+                (layout.target.key_id_column, heap.oid)).fetchone()
+            live, null_frac, mcv, freqs = row if row else (0.0, None, None, None)
+            if live <= exact_below or null_frac is None:
+                counted = conn.execute(sql.SQL(
+                    "SELECT {kid}, count(*) FROM ONLY {h} GROUP BY {kid}").format(
+                        kid=kid, h=heap.ident)).fetchall()
+                for k, n in counted:
+                    totals[k] = totals.get(k, 0) + n
+                continue
+            try:
+                values = [int(v) for v in str(mcv).strip("{}").split(",") if v] if mcv else []
+            except ValueError:  # not an integer column after all: count it
+                values, null_frac = [], None
+            if null_frac is None:
+                counted = conn.execute(sql.SQL(
+                    "SELECT {kid}, count(*) FROM ONLY {h} GROUP BY {kid}").format(
+                        kid=kid, h=heap.ident)).fetchall()
+                for k, n in counted:
+                    totals[k] = totals.get(k, 0) + n
+                continue
+            exact = False
+            shares: dict[int | None, float] = {None: float(null_frac)}
+            for v, f in zip(values, freqs or [], strict=False):
+                shares[v] = shares.get(v, 0.0) + float(f)
+            rest = max(0.0, 1.0 - sum(shares.values()))
+            if rest:
+                shares[active] = shares.get(active, 0.0) + rest
+            for k, share in shares.items():
+                totals[k] = totals.get(k, 0.0) + share * live
+        return {k: round(n) for k, n in totals.items() if round(n) > 0}, exact
 
     def count_stale(self, conn: Conn, layouts: Iterable[Layout], active: int, *,
                     legacy: bool = True) -> int:

@@ -11,6 +11,11 @@ while a rotation runs: every ``max_age`` seconds ``encrypt`` checks, with one ti
 whether the active key changed (so new writes move to the new DEK within ``max_age`` and
 the rotation's next pass picks up the few written before), and ``decrypt`` reloads the
 ring when it meets a key id it does not know.  Thread-safe.
+
+Every value that fails to decrypt counts in the Prometheus counter
+``rotation_operator_library_decrypt_failures_total{keys_table}`` of the default registry:
+an application that exports its metrics feeds the ``RotationOperatorLibraryDecryptFailures``
+alert without code of its own.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import Counter
 from psycopg import sql
 
 from .config import KEYS_TABLE, StoreConfig, Target, identifier
 from .database import Conn, connect, db_errors
-from .errors import DatabaseUnavailable, UnknownKeyError
+from .errors import DatabaseUnavailable, InvalidToken, UnknownKeyError
 from .kek import Kek, as_kek
 from .keyring import KeyRing
 from .keystore import KeyStore
+
+DECRYPT_FAILURES = Counter("rotation_operator_library_decrypt_failures_total",
+                           "Values this application could not decrypt", ("keys_table",))
 
 
 class Encryptor:
@@ -60,9 +69,13 @@ class Encryptor:
         """Decrypt a stored value (``key_id`` ``None`` = legacy row under the KEK)."""
         ring = self._ring or self.refresh()
         try:
-            return ring.decrypt(value, key_id)
-        except UnknownKeyError:
-            return self.refresh().decrypt(value, key_id)
+            try:
+                return ring.decrypt(value, key_id)
+            except UnknownKeyError:
+                return self.refresh().decrypt(value, key_id)
+        except (InvalidToken, UnknownKeyError):
+            DECRYPT_FAILURES.labels(self._store.cfg.qualified_keys).inc()
+            raise
 
     def refresh(self) -> KeyRing:
         """Reload the whole ring from the database (fail closed on a wrong KEK)."""

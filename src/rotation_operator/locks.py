@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import psycopg
@@ -111,3 +112,48 @@ class RotationLock:
             pass
         finally:
             conn.close()
+
+
+#: (pid, virtual xid) of sessions in a transaction, and xids of prepared transactions.
+InFlight = tuple[list[tuple[int, str]], list[str]]
+
+
+def in_flight(conn: Conn, *exclude_pids: int | None) -> InFlight:
+    """Every other session of this database in a transaction now (its virtual xid, which
+    ``pg_locks`` shows to every role: the wait ``CREATE INDEX CONCURRENTLY`` does), and the
+    database's prepared transactions.  Waiting for them all to end is a barrier: whatever
+    they write is visible afterwards."""
+    pids = [p for p in exclude_pids if p is not None]
+    vxids = [(int(r[0]), str(r[1])) for r in conn.execute(
+        "SELECT l.pid, l.virtualxid FROM pg_locks l JOIN pg_stat_activity a "
+        "ON a.pid = l.pid WHERE l.locktype = 'virtualxid' AND l.mode = 'ExclusiveLock' "
+        "AND l.granted AND a.usesysid IS NOT NULL AND a.datid = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.pid <> pg_backend_pid() AND NOT l.pid = ANY(%s::int[])", (pids,)).fetchall()]
+    xids = [str(r[0]) for r in conn.execute(
+        "SELECT transaction::text FROM pg_prepared_xacts "
+        "WHERE database = current_database()").fetchall()]
+    return vxids, xids
+
+
+def still_open(conn: Conn, waiting: InFlight) -> int:
+    """How many of the transactions :func:`in_flight` found are still open."""
+    vxids, xids = waiting
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM pg_locks l JOIN unnest(%s::int[], %s::text[]) "
+        "AS w(pid, vxid) ON l.pid = w.pid AND l.virtualxid = w.vxid "
+        "WHERE l.locktype = 'virtualxid' AND l.granted) + (SELECT count(*) FROM "
+        "pg_prepared_xacts WHERE transaction::text = ANY(%s::text[]))",
+        ([v[0] for v in vxids], [v[1] for v in vxids], xids)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_for(conn: Conn, waiting: InFlight, timeout: float,
+             sleep: Callable[[float], None] = time.sleep) -> int:
+    """Wait up to ``timeout`` seconds for ``waiting`` to end; returns how many remain."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = still_open(conn, waiting)
+        if not left or time.monotonic() >= deadline:
+            return left
+        sleep(0.05)

@@ -68,8 +68,11 @@ from .tables import Heap, Layout
 
 log = logging.getLogger(__name__)
 BATCH_RETRIES = 5
-#: Called after each committed batch with (rows moved, legacy rows among them, rows read).
-BatchFn = Callable[[int, int, int], None]
+#: Called after each committed batch with (rows moved, legacy rows among them, rows read,
+#: application sessions the batch kept waiting on its locks just before it committed).
+BatchFn = Callable[[int, int, int, int], None]
+#: Before handing out the next block range (parallel workers): waits as the throttle asks.
+GateFn = Callable[[], None]
 
 
 class BinaryArray(bytes):
@@ -160,6 +163,8 @@ class Work:
     legacy: bool         # also move legacy (NULL) rows
     batch_size: int
     max_batch_bytes: int
+    #: Count the application sessions each batch blocks (load back-off).
+    count_blocked: bool = False
 
 
 class BatchMover:
@@ -184,6 +189,10 @@ class BatchMover:
             "ROWS UNBOUNDED PRECEDING) - octet_length({val}) AS before FROM ONLY {h} "
             "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}) s "
             "WHERE before < %(budget)s ORDER BY t LIMIT %(n)s").format(**names)
+        # Sessions waiting on a lock this backend holds: the application writers a batch
+        # keeps waiting (their pids are visible to every role; no privilege needed).
+        self.blocked = sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE "
+                               "pg_backend_pid() = ANY(pg_blocking_pids(pid))")
         self.row_id = sql.SQL("SELECT {id} FROM ONLY {h} WHERE ctid = %(c)s::tid").format(**names)
         update = ("UPDATE ONLY {h} AS r SET {val} = u.v, {kid} = %(active)s "
                   "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
@@ -257,12 +266,14 @@ class BatchMover:
         transaction."""
         start, end = f"({lo},0)", f"({hi},0)"
         while True:
+            blocked = 0
             if own_tx:
-                moved, legacy, read, last = self._fenced(conn, start, end, plan.bounded)
+                moved, legacy, read, last, blocked = self._fenced(conn, start, end,
+                                                                  plan.bounded)
             else:
                 moved, legacy, read, last = self.run(conn, start, end, plan.bounded)
             if read:
-                on_batch(moved, legacy, read)
+                on_batch(moved, legacy, read, blocked)
             faults.point("after-batch")
             if not plan.bounded or last is None:
                 return
@@ -270,9 +281,9 @@ class BatchMover:
             start = f"({block},{offset + 1})"
 
     def _fenced(self, conn: Conn, lo: str, hi: str, bounded: bool
-                ) -> tuple[int, int, int, bytes | None]:
+                ) -> tuple[int, int, int, bytes | None, int]:
         """One batch in its own transaction, fenced, retried on deadlocks with
-        application transactions."""
+        application transactions; also returns the sessions it blocked before commit."""
         fence = self.work.fence
         assert fence is not None
         for attempt in range(BATCH_RETRIES):
@@ -281,9 +292,14 @@ class BatchMover:
                     self.store.check_fence(conn, fence.record_id, fence.token,
                                            fence.key_version)
                     result = self.run(conn, lo, hi, bounded)
+                    blocked = 0
                     if result[0]:
                         self.store.add_progress(conn, fence.record_id, result[0])
-                    return result
+                        if self.work.count_blocked:
+                            row = conn.execute(self.blocked).fetchone()
+                            blocked = int(row[0]) if row else 0
+                    faults.point("batch-before-commit")
+                    return (*result, blocked)
             except (*RETRYABLE, psycopg.errors.LockNotAvailable) as exc:
                 log.warning("batch on %s conflicted with an application transaction (%s); "
                             "retrying", self.work.heap.display, type(exc).__name__)
@@ -322,7 +338,8 @@ def plan(conn: Conn, work: Work) -> Plan:
 
 # -- parallel workers --------------------------------------------------------------------
 def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan, workers: int,
-                 timeouts: Timeouts, on_batch: BatchFn, between: Callable[[], None]) -> None:
+                 timeouts: Timeouts, on_batch: BatchFn, between: Callable[[], None],
+                 gate: GateFn | None = None) -> None:
     """Move one heap's rows with ``workers`` processes sharing one queue of block ranges.
 
     A shared queue, not a fixed split: live rows are rarely spread evenly over the heap
@@ -334,6 +351,9 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan
     every batch is its own fenced transaction, so stopping loses nothing but the batch in
     flight.  ``between`` runs in this process while the workers work (lock and control
     checks); whatever it raises stops them.
+
+    With a ``gate`` (a throttle), ranges are handed out one at a time as workers finish
+    them, each only once the gate lets it: the limits hold over all workers together.
     """
     ctx = mp.get_context("spawn")
     # The unwrapped keys travel to the workers over the spawn pipe (never a log or an
@@ -341,10 +361,25 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan
     material = (ring.active_version, dict(ring.deks), ring.kek)
     results: Any = ctx.Queue()
     tasks: Any = ctx.Queue()
-    for block_range in pl.ranges():
-        tasks.put(block_range)
-    for _ in range(workers):
-        tasks.put(None)
+    pending = iter(pl.ranges())
+
+    def hand_out(n: int) -> None:
+        for _ in range(n):
+            block_range = next(pending, None)
+            if block_range is None:
+                tasks.put(None)  # one sentinel per worker that asks once all is handed out
+                continue
+            if gate is not None:
+                gate()
+            tasks.put(block_range)
+
+    if gate is not None:
+        hand_out(workers)
+    else:
+        for block_range in pending:
+            tasks.put(block_range)
+        for _ in range(workers):
+            tasks.put(None)
     procs = [ctx.Process(target=_worker, daemon=True, name=f"rotation-worker-{i}",
                          args=(dsn, cfg, work, material, pl, timeouts, tasks, os.getpid(),
                                results))
@@ -365,7 +400,10 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan
                         "the rotation resumes on the next attempt") from None
                 continue
             if kind == "batch":
-                on_batch(payload[0], payload[1], payload[2])
+                on_batch(payload[0], payload[1], payload[2], payload[3])
+            elif kind == "range":
+                if gate is not None:
+                    hand_out(1)
             elif kind == "done":
                 running -= 1
             else:
@@ -389,13 +427,14 @@ def _worker(dsn: str, cfg: StoreConfig, work: Work,
                                   timeouts=timeouts) as conn:
             mover = BatchMover(work, KeyRing(*material), store)
 
-            def report(moved: int, legacy: int, read: int) -> None:
-                results.put(("batch", moved, legacy, read))
+            def report(moved: int, legacy: int, read: int, blocked: int) -> None:
+                results.put(("batch", moved, legacy, read, blocked))
 
             for a, b in iter(tasks.get, None):
                 if os.getppid() != parent:
                     return  # the rotator died: stop, its lock is gone
                 mover.move_range(conn, pl, a, b, own_tx=True, on_batch=report)
+                results.put(("range",))
         results.put(("done",))
     except RowDecryptError as exc:
         results.put(("row", exc.table, exc.row_id, exc.key_version))

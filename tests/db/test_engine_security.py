@@ -309,3 +309,29 @@ def test_truncating_the_tail_shows_only_in_the_head(dsn: str) -> None:
     assert report.events == 9 and report.head != head
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
     assert proc.returncode == 0 and f"head {head[:16]}" not in proc.stdout
+
+
+def test_the_library_counts_values_it_cannot_decrypt(dsn: str) -> None:
+    """What feeds RotationOperatorLibraryDecryptFailures: the application's own registry."""
+    from prometheus_client import REGISTRY
+
+    from rotation_operator.errors import InvalidToken as Opaque
+    from rotation_operator.library import Encryptor
+
+    app = make_app(dsn, 10)
+    labels = {"keys_table": app.cfg.qualified_keys}
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value(
+            "rotation_operator_library_decrypt_failures_total", labels) or 0.0
+
+    enc = Encryptor(dsn, app.kek)
+    value, key_id = enc.encrypt(b"fine")
+    before = failures()
+    assert enc.decrypt(value, key_id) == b"fine"
+    assert failures() == before
+    tampered = value[:-1] + bytes([value[-1] ^ 1])
+    with pytest.raises(Opaque):
+        enc.decrypt(tampered, key_id)
+    assert failures() == before + 1
+    enc.close()

@@ -21,6 +21,7 @@ from tests.db.apptable import (
     ONLINE,
     App,
     audit_events,
+    in_thread,
     keys,
     make_app,
     read_rows,
@@ -163,6 +164,9 @@ def test_disable_enable_then_destroy_after_the_waiting_period(dsn: str) -> None:
     assert app.ring().versions == (2,)  # no ring unwraps it
     life.enable(1)
     assert _key(app, 1).state == "retired" and app.ring().versions == (1, 2)
+    # enabling restarts the clock: the census starts it again, and the period runs anew
+    assert life.run(RETAIN, planned).done == ()
+    planned = _key(app, 1).zero_rows_since + RETAIN.disable_after
     outcome = life.run(RETAIN, planned)
     assert [s.action for s in outcome.done] == ["disable"]
     destroy_at = _key(app, 1).destroy_after
@@ -208,6 +212,14 @@ def test_every_step_is_refused_while_a_row_references_the_key(dsn: str) -> None:
     assert outcome.done == ()
 
 
+def _age_disabled(dsn: str, *, days: int) -> None:
+    """Let ``days`` pass for the disabled keys (their recorded times move back)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE encryption_keys SET disabled_at = disabled_at - %s, "
+                     "destroy_after = destroy_after - %s WHERE state = 'disabled'",
+                     (timedelta(days=days), timedelta(days=days)))
+
+
 def test_the_cli_asks_for_confirmation_and_names_every_refusal(dsn: str) -> None:
     app = make_app(dsn, 50)
     app.engine().rotate(2, ONLINE)
@@ -223,11 +235,16 @@ def test_the_cli_asks_for_confirmation_and_names_every_refusal(dsn: str) -> None
     proc = run_cli("keys", "destroy", "1", "--confirm-destroy", "1", dsn=dsn, kek=None)
     assert proc.returncode == 2 and "may be destroyed from" in proc.stderr
     later = (now + timedelta(days=8)).isoformat()
+    before = _key(app, 1)
     proc = run_cli("keys", "plan", "--disable-after-days", "7", "--assume-now", later,
                    dsn=dsn, kek=None)
     assert proc.returncode == 0 and "v1: destroy now" in proc.stdout, proc.stdout
+    assert _key(app, 1) == before  # a rehearsal writes nothing
     proc = run_cli("keys", "destroy", "1", "--confirm-destroy", "1", "--assume-now", later,
                    dsn=dsn, kek=None)
+    assert proc.returncode == 2 and "--assume-now" in proc.stderr  # only plan rehearses
+    _age_disabled(dsn, days=8)  # eight days pass
+    proc = run_cli("keys", "destroy", "1", "--confirm-destroy", "1", dsn=dsn, kek=None)
     assert proc.returncode == 0 and "DEK v1 destroyed" in proc.stdout, proc.stderr
     assert _key(app, 1).wrapped_dek == b""
     assert "Traceback" not in proc.stderr
@@ -237,3 +254,175 @@ def test_the_cli_asks_for_confirmation_and_names_every_refusal(dsn: str) -> None
     assert datetime.now(UTC) > now  # the audit records the real time, not --assume-now
     stamped = [d for e, _, d in audit_events(dsn, app.cfg) if e == "key_destroyed"]
     assert stamped
+
+
+# -- review findings: what must never happen by itself ------------------------------------
+def _disable_and_age(dsn: str, app: App, days: int) -> Lifecycle:
+    life = Lifecycle(dsn, app.cfg, actor="t")
+    life.disable(1, _now(dsn))
+    _age_disabled(dsn, days=days)
+    return life
+
+
+def test_a_key_disabled_by_hand_is_destroyed_by_no_timer(dsn: str) -> None:
+    app = make_app(dsn, 50)
+    app.engine().rotate(2, ONLINE)
+    proc = run_cli("keys", "disable", "1", "--confirm", dsn=dsn, kek=None)
+    assert proc.returncode == 0 and "nothing destroys it but" in proc.stdout, proc.stderr
+    assert _key(app, 1).destroy_after is None
+    life = Lifecycle(dsn, app.cfg, actor="t")
+    later = _now(dsn) + timedelta(days=400)
+    outcome = life.run(None, later)
+    assert outcome.plan == () and _key(app, 1).state == "disabled"
+    # a policy's own waiting period counts from the disable, whatever was stored
+    slow = Retention(disable_after=timedelta(days=10), destroy_after=timedelta(days=30))
+    _age_disabled(dsn, days=8)
+    assert life.run(slow, _now(dsn)).done == ()
+    assert _key(app, 1).state == "disabled"
+    _age_disabled(dsn, days=23)
+    assert [s.action for s in life.run(slow, _now(dsn)).done] == ["destroy"]
+    assert _key(app, 1).state == "destroyed"
+
+
+def test_the_cli_must_name_every_target_the_keys_table_covers(dsn: str) -> None:
+    from rotation_operator.config import Target
+
+    app = make_app(dsn, 40, targets=(Target("secrets"), Target("tokens")))
+    app.engine().rotate(2, ONLINE)
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # a row of tokens on v1
+        conn.execute("UPDATE tokens SET key_id = 1 WHERE id = 1")
+    proc = run_cli("keys", "disable", "1", "--confirm", dsn=dsn, kek=None)  # secrets only
+    assert proc.returncode != 0 and "covers" in proc.stderr, proc.stderr
+    assert _key(app, 1).state == "retired"
+    proc = run_cli("keys", "disable", "1", "--confirm", "--target", "secrets",
+                   "--target", "tokens", dsn=dsn, kek=None)
+    assert proc.returncode != 0 and "row 1 of public.tokens still references it" in \
+        proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_writer_in_flight_cannot_slip_a_row_past_a_destroy(dsn: str) -> None:
+    app = make_app(dsn, 50)
+    app.engine().rotate(2, ONLINE)
+    life = _disable_and_age(dsn, app, days=8)
+    old = read_rows(dsn, app.target)[1][0]
+    with psycopg.connect(app_dsn(dsn)) as writer:  # a restore in flight, not yet committed
+        writer.execute("UPDATE secrets SET value = %s, key_id = 1 WHERE id = 2", (old,))
+        thread, out = in_thread(lambda: life.destroy(1, _now(dsn)))
+        thread.join(1.5)
+        assert thread.is_alive(), "the destroy did not wait for the transaction in flight"
+        writer.commit()
+    thread.join(30)
+    assert isinstance(out.get("error"), KeyInUse), out
+    assert "row 2 of public.secrets still references it" in str(out["error"])
+    assert _key(app, 1).state == "disabled" and _key(app, 1).wrapped_dek != b""
+
+
+def test_rows_under_a_destroyed_key_stop_rotations_before_anything_is_minted(dsn: str) -> None:
+    from rotation_operator.errors import RowsUnderUnusableKey
+
+    app = make_app(dsn, 50)
+    app.engine().rotate(2, ONLINE)
+    old = read_rows(dsn, app.target)[3][0]
+    life = _disable_and_age(dsn, app, days=8)
+    life.destroy(1, _now(dsn))
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # an old backup's row
+        conn.execute("UPDATE secrets SET value = %s, key_id = 1 WHERE id = 3", (old,))
+    with pytest.raises(RowsUnderUnusableKey, match=r"row 3 of public\.secrets is under DEK "
+                                                   r"v1, which is destroyed"):
+        app.engine().rotate(3, ONLINE)
+    assert [k[0] for k in keys(dsn, app.cfg)] == [1, 2]
+
+
+def test_a_destroyed_dek_is_gone_from_every_page_of_the_keys_table(dsn: str) -> None:
+    """Read the keys table's files as the superuser, after a checkpoint: a plain UPDATE
+    would leave the old row version, and a plain VACUUM its bytes."""
+    from tests.fixtures.roles import admin_dsn
+
+    app = make_app(dsn, 20)
+    app.engine().rotate(2, ONLINE)
+    wrapped = _key(app, 1).wrapped_dek
+    life = _disable_and_age(dsn, app, days=8)
+
+    def on_disk() -> bytes:
+        with psycopg.connect(admin_dsn(dsn), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+            row = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath("
+                               "'public.encryption_keys'))").fetchone()
+        assert row is not None
+        return bytes(row[0])
+
+    assert wrapped in on_disk()  # the check can see it
+    life.destroy(1, _now(dsn))
+    assert wrapped not in on_disk()
+    verify_audit(dsn, app.cfg)  # raises if the chain is broken
+
+
+def test_usage_of_key_v1_counts_the_library_writes_too(dsn: str) -> None:
+    app = make_app(dsn, 100, legacy_every=0)
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute("UPDATE secrets SET value = value")  # 300 more encryptions
+    import time
+
+    time.sleep(1.0)  # the writes reach the statistics
+    Lifecycle(dsn, app.cfg, actor="t").run(None, _now(dsn))
+    assert _key(app, 1).encryptions >= 400
+
+
+def test_enable_restarts_the_zero_rows_clock(dsn: str) -> None:
+    app = make_app(dsn, 30)
+    app.engine().rotate(2, ONLINE)
+    life = Lifecycle(dsn, app.cfg, actor="t")
+    life.run(None, _now(dsn))
+    assert _key(app, 1).zero_rows_since is not None
+    life.disable(1, _now(dsn))
+    life.enable(1)
+    assert _key(app, 1).zero_rows_since is None
+    assert life.run(RETAIN, _now(dsn)).done == ()  # not disabled again at once
+
+
+def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted scheduled rotation; spec.version is bumped meanwhile; the reconcile that
+    resumes it serves the bump with it: one rotation, not two."""
+    from rotation_operator.kek import as_kek
+    from rotation_operator.operator import kube, workflow
+    from rotation_operator.operator.settings import OperatorSettings
+
+    app = make_app(dsn, 300)
+    app.engine().initialise(policy_version=1)
+    created = _key(app, 1).created_at
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        if done >= 100:
+            raise Stop
+
+    age = timedelta(seconds=10)
+    with pytest.raises(Stop):
+        app.engine().execute(Request("policy", 1, now=created + age, max_key_age=age),
+                             ONLINE.replace(workers=1), progress=stop)
+    spec = {"version": 2, "targets": [{"table": "secrets"}],
+            "rotation": {"vacuum": False, "graceSeconds": 0, "batchSize": 100,
+                         "maxKeyAge": "1h"}}
+    monkeypatch.setattr(kube, "patch_status", lambda *a, **k: None)
+    monkeypatch.setattr(kube, "get_policy", lambda ns, n: {
+        "metadata": {"generation": 1, "uid": "", "resourceVersion": "1"}, "spec": spec,
+        "status": {}})
+
+    class Events:
+        def info(self, reason: str, message: str) -> None: ...
+        def warn(self, reason: str, message: str) -> None: ...
+
+    policy = workflow.Policy("ns", "app", 1, spec, {})
+    workflow._reconcile(policy, OperatorSettings(), Events(), workflow.StatusWriter(policy),
+                        dsn, workflow.Keks(as_kek(app.kek), [], []), policy.store_config(),
+                        policy.options())
+    assert [(k[0], k[2]) for k in keys(dsn, app.cfg)] == [(1, None), (2, 2)]
+    with psycopg.connect(dsn) as conn:
+        records = [(r.kind, r.requested_version, r.phase)
+                   for r in KeyStore(app.cfg).rotation_records(conn)]
+    assert records == [("policy", 1, "baseline"), ("policy", 2, "done")]

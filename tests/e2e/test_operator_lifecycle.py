@@ -106,3 +106,26 @@ def test_status_shows_the_census_and_the_retention_dry_run(
         "due": (_ts(v1["zeroRowsSince"]) + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")}]
     v2 = next(k for k in status["keys"] if k["version"] == 2)
     assert v2["encryptions"] >= 60
+
+
+def test_rotate_on_usage_rotates_once_through_the_operator(
+        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator) -> None:
+    """The library's writes count (estimated from the statistics): near the bound the
+    policy rotates by itself, once; the fresh key starts its count from the rotation."""
+    app = make_app(namespace, dsn, rows=100, legacy=0,
+                   rotation={"maxEncryptionsPerKey": 1000, "rotateOnUsage": True,
+                             "graceSeconds": 0})
+    start_operator([namespace])
+    app.wait_condition("Ready", "True")
+    with psycopg.connect(roles.app_dsn(app.dsn), autocommit=True) as conn:
+        for _ in range(8):  # 800 more values written under v1: 900 of 1000
+            conn.execute("UPDATE secrets SET value = value")
+    eventually(lambda: app.active_version() == 2, timeout=40, interval=0.5,
+               what="a rotation for usage")
+    obj = app.wait_condition("Ready", "True", timeout=60)
+    keys = app.key_rows()
+    assert "UsageBound" in keys[1]["rotated_by"] and keys[1]["policy_version"] is None
+    assert obj["status"]["observedVersion"] == 1
+    time.sleep(6)  # a few refreshes: the new key is far from its bound, nothing more
+    assert len(app.key_rows()) == 2
+    app.assert_intact()

@@ -178,5 +178,37 @@ def test_the_retention_plan_is_the_dry_run() -> None:
             KeyView(6, "active", 100)]
     plan = [(s.version, s.action, s.ready) for s in retention_plan(keys, ret, t)]
     assert plan == [(1, "disable", True), (2, "disable", False), (4, "destroy", True)]
-    # without a retention policy only a destroy already scheduled stays in the plan
-    assert [(s.version, s.action) for s in retention_plan(keys, None, t)] == [(4, "destroy")]
+    # without a retention policy nothing happens by itself, not even a stored destroy date
+    assert retention_plan(keys, None, t) == []
+
+
+def test_durations_beyond_a_century_are_a_clear_config_error() -> None:
+    import pytest
+
+    from rotation_operator.config import RotationOptions, key_age, parse_duration
+    from rotation_operator.errors import ConfigError
+
+    assert parse_duration("36500d", "x").days == 36500
+    for text in ("36501d", "9999999999d", "4000000d"):
+        with pytest.raises(ConfigError, match="longer than 100 years"):
+            key_age(text)
+    with pytest.raises(ConfigError, match="maxReplicationLag"):
+        RotationOptions(max_replication_lag=0)
+    with pytest.raises(ConfigError, match="maxRowsPerSecond"):
+        RotationOptions(max_rows_per_second=-1)
+    assert RotationOptions(max_rows_per_second=2000, batch_size=5000).effective_batch_size \
+        == 500
+    assert RotationOptions(max_rows_per_second=40, batch_size=5000).effective_batch_size == 100
+
+
+def test_without_retention_nothing_is_ever_planned_even_for_a_disabled_key() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from rotation_operator.decisions import KeyView, Retention, retention_plan
+
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    disabled = KeyView(1, "disabled", 0, t, t, t + timedelta(days=7))
+    assert retention_plan([disabled], None, t + timedelta(days=400)) == []
+    slow = Retention(timedelta(days=10), timedelta(days=30))
+    (step,) = retention_plan([disabled], slow, t + timedelta(days=8))
+    assert (step.action, step.due, step.ready) == ("destroy", t + timedelta(days=30), False)

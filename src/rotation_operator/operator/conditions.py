@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 READY, ROTATING, DEGRADED = "Ready", "Rotating", "Degraded"
-KEK_WEAK, KEY_USAGE = "KEKWeak", "KeyUsageHigh"
-_ORDER = (READY, ROTATING, DEGRADED, KEK_WEAK, KEY_USAGE)
+KEK_WEAK, KEY_USAGE, THROTTLED = "KEKWeak", "KeyUsageHigh", "Throttled"
+_ORDER = (READY, ROTATING, DEGRADED, THROTTLED, KEK_WEAK, KEY_USAGE)
 MAX_MESSAGE = 1024
 
 

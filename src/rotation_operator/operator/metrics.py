@@ -54,6 +54,12 @@ DECRYPT_FAILURES = Counter("rotation_operator_decrypt_failures_total",
 CONDITION = Gauge("rotation_operator_policy_condition",
                   "1 for the current status and reason of each condition",
                   (*LABELS, "condition", "status", "reason"))
+THROTTLED = Gauge("rotation_operator_throttled",
+                  "1 while the running rotation waits for a limit, by reason "
+                  "(ReplicationLag, Load)", (*LABELS, "reason"))
+REPLICATION_LAG = Gauge("rotation_operator_replication_lag_seconds",
+                        "The largest streaming-replica lag the running rotation measured "
+                        "(with maxReplicationLag)", LABELS)
 LEADER = Gauge("rotation_operator_leader", "1 on the replica that is active (leading)")
 API = Histogram("rotation_operator_api_request_duration_seconds",
                 "Latency of the operator's own calls", ("api", "operation"),
@@ -104,6 +110,16 @@ def rotation_ended(namespace: str, name: str) -> None:
     IN_PROGRESS.labels(namespace, name).set(0)
 
 
+THROTTLE_REASONS = ("ReplicationLag", "Load")
+
+
+def throttled(namespace: str, name: str, reason: str | None, lag: float | None) -> None:
+    for each in THROTTLE_REASONS:
+        THROTTLED.labels(namespace, name, each).set(1 if each == reason else 0)
+    if lag is not None:
+        REPLICATION_LAG.labels(namespace, name).set(lag)
+
+
 def observe_conditions(namespace: str, name: str,
                        conditions: Iterable[Mapping[str, Any]]) -> None:
     """One series per condition, for its current (status, reason) only."""
@@ -116,11 +132,16 @@ def observe_conditions(namespace: str, name: str,
                          str(cond.get("reason"))).set(1)
 
 
+def clear_max_key_age(namespace: str, name: str) -> None:
+    if (namespace, name) in MAX_KEY_AGE._metrics:
+        MAX_KEY_AGE.remove(namespace, name)
+
+
 def forget(namespace: str, name: str) -> None:
     """Drop every series of a policy that is gone."""
     for metric in (IN_PROGRESS, ROWS_DONE, ROWS_TOTAL, LAST_PROGRESS, LAST_FINISHED, ACTIVE,
                    ACTIVE_CREATED, SECRETS, LEGACY, STALE, RETIRED, KEY_ROWS, CONDITION,
-                   MAX_KEY_AGE):
+                   MAX_KEY_AGE, THROTTLED, REPLICATION_LAG):
         for labels in list(metric._metrics):
             if labels[:2] == (namespace, name):
                 metric.remove(*labels)

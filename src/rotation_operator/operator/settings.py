@@ -33,6 +33,11 @@ class OperatorSettings:
     #: Upper bound on the retry delay after a retryable error (``None``: each error's
     #: own delay, 10-120 s).  Lower it where a fixed Secret or RBAC rule should heal fast.
     max_retry_delay: float | None = None
+    #: Seconds between exact counts in the refresh (between them, counts come from the
+    #: statistics for tables over ``exact_count_below`` rows: no full scan every minute).
+    exact_count_interval: float = 3600.0
+    #: Heaps up to this many rows are always counted exactly.
+    exact_count_below: int = 100_000
     #: Run without Kopf peering (one replica; the Deployment uses ``Recreate``).
     standalone: bool = True
 
@@ -65,6 +70,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="SECONDS",
                    help="cap on the delay before retrying after a retryable error (default: "
                         "the error's own, 10-120 s; env MAX_RETRY_DELAY)")
+    p.add_argument("--exact-count-interval", type=_seconds(0, inclusive=True), default=None,
+                   metavar="SECONDS",
+                   help="seconds between exact row counts in the refresh; between them, "
+                        "tables over --exact-count-below rows are estimated from the "
+                        "planner's statistics (default 3600)")
+    p.add_argument("--exact-count-below", type=int, default=None, metavar="ROWS",
+                   help="tables (heaps) up to this many rows are always counted exactly "
+                        "(default 100000)")
     p.add_argument("--liveness", default=None, metavar="URL",
                    help="liveness endpoint (default http://0.0.0.0:8080/healthz; '' disables)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
@@ -90,6 +103,11 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         else _env_float("CONTROL_INTERVAL", 2.0),
         max_retry_delay=args.max_retry_delay if args.max_retry_delay is not None
         else (_env_float("MAX_RETRY_DELAY", 0.0) or None),
+        exact_count_interval=args.exact_count_interval
+        if args.exact_count_interval is not None
+        else _env_float("EXACT_COUNT_INTERVAL", 3600.0),
+        exact_count_below=args.exact_count_below if args.exact_count_below is not None
+        else int(os.environ.get("EXACT_COUNT_BELOW", "100000")),
         liveness=liveness,
         metrics_port=args.metrics_port if args.metrics_port is not None else int(
             os.environ.get("METRICS_PORT", "9090")),

@@ -16,6 +16,7 @@ only between them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,7 +26,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from .. import crypto
-from ..config import RotationOptions, StoreConfig, Target, key_age
+from ..config import (
+    MAX_DURATION,
+    RotationOptions,
+    StoreConfig,
+    Target,
+    key_age,
+    parse_duration,
+)
 from ..decisions import (
     Action,
     Decision,
@@ -50,7 +58,7 @@ from ..inspection import Snapshot, rfc3339, snapshot
 from ..kek import Kek, SecretKek
 from ..lifecycle import MIN_DAYS, Lifecycle, Outcome
 from . import conditions, kube, metrics
-from .conditions import DEGRADED, KEK_WEAK, KEY_USAGE, READY, ROTATING
+from .conditions import DEGRADED, KEK_WEAK, KEY_USAGE, READY, ROTATING, THROTTLED
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -67,7 +75,7 @@ DEFAULT_MAX_ENCRYPTIONS = 1 << 30
 ROTATION_FIELDS = ("phase", "kind", "mode", "policyVersion", "fromVersion", "toVersion", "done",
                    "total", "progress", "reEncrypted", "legacyMigrated", "resumed", "startedAt",
                    "finishedAt", "seconds", "message", "handover", "caughtInHandover",
-                   "sweptAfter")
+                   "sweptAfter", "rowsPerSecond", "maxRowsPerSecond", "throttle")
 
 
 class Reporter(Protocol):
@@ -130,6 +138,9 @@ class Policy:
             if not isinstance(value, int) or isinstance(value, bool) or value < MIN_DAYS:
                 raise ConfigError(f"retention.{field} {value!r} is below {MIN_DAYS} days: a key "
                                   "destroyed early cannot be brought back")
+            if value > MAX_DURATION.days:
+                raise ConfigError(f"retention.{field} {value} is more than "
+                                  f"{MAX_DURATION.days} days")
             days[field] = value
         return Retention(timedelta(days=days["disableAfterDays"]),
                          timedelta(days=days["destroyAfterDays"]))
@@ -149,7 +160,11 @@ class Policy:
             max_batch_bytes=r.get("maxBatchBytes", defaults.max_batch_bytes),
             lock_timeout=r.get("lockTimeoutSeconds", defaults.lock_timeout),
             statement_timeout=r.get("statementTimeoutSeconds", defaults.statement_timeout),
-            handover_timeout=r.get("handoverTimeoutSeconds", defaults.handover_timeout))
+            handover_timeout=r.get("handoverTimeoutSeconds", defaults.handover_timeout),
+            max_rows_per_second=r.get("maxRowsPerSecond", 0),
+            max_replication_lag=None if r.get("maxReplicationLag") is None else parse_duration(
+                r["maxReplicationLag"], "maxReplicationLag").total_seconds(),
+            max_blocked_sessions=r.get("maxBlockedSessions"))
 
     def conditions(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.status.get("conditions") or []]
@@ -193,7 +208,8 @@ class Control:
     def __init__(self, policy: Policy, interval: float = 2.0):
         self.policy = policy
         self.interval = interval
-        self._checked = time.monotonic()
+        self._checked = time.monotonic() - interval  # the first call looks (a resumed
+        # scheduled rotation adopts a bump known already, before its first batch)
 
     def __call__(self) -> int | None:
         """Raise to stop; otherwise the ``spec.version`` asked for now (when looked up)."""
@@ -330,6 +346,12 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
     result: RotationResult | None = None
     with policy_lock(policy):
         prepared = engine.prepare(desired)
+        if request.rotate_on_usage and prepared.state.rows is None:
+            # a rotation for usage is decided on the rows too (a fresh key must start well
+            # below the bound); the statistics suffice for that, the engine counts again
+            counted = snapshot(dsn, cfg, exact=False, exact_below=settings.exact_count_below)
+            prepared = dataclasses.replace(prepared, state=dataclasses.replace(
+                prepared.state, rows=counted.secret_count))
         decision = decide(request, prepared.state)
         try:
             for _ in range(3):  # a rekey or a resumed rotation of another kind, then this one's
@@ -368,6 +390,8 @@ def schedule_fields(policy: Policy, snap: Snapshot, request: Request) -> dict[st
     if request.max_key_age is not None:
         metrics.MAX_KEY_AGE.labels(policy.namespace, policy.name).set(
             request.max_key_age.total_seconds())
+    else:  # removed from the spec: no series, so KeyTooOld cannot fire on a stale one
+        metrics.clear_max_key_age(policy.namespace, policy.name)
     return {"nextRotationDue": rfc3339(due)}
 
 
@@ -405,48 +429,87 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
         events.info("RotationStarted", f"{decision.message} ({options.mode} mode, batches of "
                                        f"{options.batch_size})")
         writer.condition(ROTATING, True, "RotationRunning", decision.message)
-        writer.condition(READY, False, "Rotating", f"rotating to version {policy.desired}")
-    kind = "sweep" if sweep else "rekey" if rekey else "policy"
+        writer.condition(READY, False, "Rotating", f"rotating to version {policy.desired}"
+                         if decision.kind == "policy" else decision.message)
+    kind = "sweep" if sweep else "rekey" if rekey else decision.kind
     base = {"phase": "Running", "kind": kind, "mode": options.mode,
-            "policyVersion": None if sweep else policy.desired, "startedAt": started}
+            "policyVersion": policy.desired if kind in ("policy", "rekey") else None,
+            "startedAt": started,
+            "maxRowsPerSecond": options.max_rows_per_second or None}
     writer.patch({"rotation": rotation_status(**base, done=0, total=0,
                                               progress=_progress(0, 0))})
     last = [0.0]
-    seen = {"done": 0, "total": 0}  # the latest counts, for the Failed record too
+    t_start = time.monotonic()
+    # the latest counts (for the Failed record too) and the throttle's latest word
+    seen: dict[str, Any] = {"done": 0, "total": 0, "rowsPerSecond": None, "throttle": None}
+
+    def running_status(**changes: Any) -> dict[str, Any]:
+        fields = {**base, **seen, **changes}
+        return rotation_status(**fields, progress=_progress(fields["done"], fields["total"]))
 
     def progress(done: int, total: int) -> None:
-        seen.update(done=done, total=total)
+        elapsed = time.monotonic() - t_start
+        seen.update(done=done, total=total,
+                    rowsPerSecond=round(done / elapsed) if elapsed > 1 else None)
         metrics.rotation_progress(*labels, done, total)
         if time.monotonic() - last[0] < settings.progress_interval and done < total:
             return
         last[0] = time.monotonic()
         try:
-            writer.patch({"rotation": rotation_status(**base, **seen,
-                                                      progress=_progress(done, total))},
-                         with_conditions=False)
+            writer.patch({"rotation": running_status()}, with_conditions=False)
         except RotationOperatorError as exc:  # progress is best effort; the rotation goes on
             log.warning("progress update failed: %s", exc)
+
+    throttled_at = [0.0]
+
+    def throttled(reason: str | None, message: str, lag: float | None) -> None:
+        """The rotation waits for a limit (or stops waiting): condition, status, metric;
+        a change at once, a new figure at most every progress interval."""
+        metrics.throttled(*labels, reason, lag)
+        before = seen["throttle"]
+        if before is None and reason is None:
+            return
+        if before is not None and before["reason"] == reason and \
+                time.monotonic() - throttled_at[0] < settings.progress_interval:
+            return
+        throttled_at[0] = time.monotonic()
+        seen["throttle"] = None if reason is None else {
+            "reason": reason, "message": message,
+            "lagSeconds": None if lag is None else round(lag, 1), "since": (
+                before["since"] if before and before["reason"] == reason else conditions.now())}
+        if reason is None:
+            writer.condition(THROTTLED, False, "NotThrottled", "the rotation is not waiting "
+                             "for a limit")
+        else:
+            writer.condition(THROTTLED, True, reason, message)
+        try:
+            writer.patch({"rotation": running_status()})
+        except RotationOperatorError as exc:
+            log.warning("throttle status update failed: %s", exc)
 
     metrics.rotation_started(*labels)
     t0 = time.monotonic()
     try:
         result = engine.execute(request, options, prepared=prepared, progress=progress,
-                                control=Control(policy, settings.control_interval))
+                                control=Control(policy, settings.control_interval),
+                                throttled=throttled)
     except RotationPaused as exc:
-        writer.patch({"rotation": rotation_status(**{**base, "phase": "Paused"}, **seen,
-                                                  progress=_progress(**seen),
+        writer.patch({"rotation": running_status(phase="Paused", throttle=None,
                                                   message=str(exc))}, with_conditions=False)
         raise
     except RotationOperatorError as exc:
         metrics.ROTATIONS.labels(*labels, "failed").inc()
         if exc.reason == "RowDecryptFailed":
             metrics.DECRYPT_FAILURES.labels(*labels).inc()
-        writer.patch({"rotation": rotation_status(**{**base, "phase": "Failed"}, **seen,
-                                                  progress=_progress(**seen),
+        writer.patch({"rotation": running_status(phase="Failed", throttle=None,
                                                   message=str(exc))}, with_conditions=False)
         raise
     finally:
         metrics.rotation_ended(*labels)
+        metrics.throttled(*labels, None, None)
+        seen["throttle"] = None
+        if conditions.get(writer.conds, THROTTLED) is not None:
+            writer.condition(THROTTLED, False, "NotThrottled", "no rotation is running")
     metrics.DURATION.labels(*labels).observe(time.monotonic() - t0)
     metrics.ROWS.labels(*labels).inc(result.re_encrypted)
     metrics.ROTATIONS.labels(*labels, "succeeded" if result.performed else "noop").inc()
@@ -569,26 +632,44 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
                 prepared.state.served >= policy.desired
         else:
             dsn = read_dsn(policy)
-        snap = snapshot(dsn, cfg)
+        counting = _counting(policy, settings, now)
+        snap = snapshot(dsn, cfg, **counting)
         if snap.retired_count and snap.running is None and not policy.paused:
             interval = settings.control_interval if settings else 2.0
             snap = _sweep(policy, events, cfg, interval)
         outcome = _lifecycle(policy, events, dsn, cfg, snap, now)
         if outcome.done or outcome.changed:
-            snap = snapshot(dsn, cfg)
+            snap = snapshot(dsn, cfg, **counting)
         due = _scheduled_due(snap, request)
     finally:
         lock.release()
     if due and settings is not None:
         # A scheduled rotation is a reconcile like any other (decided there, by the same
-        # function, with the same clock); it writes the full status.
+        # pure function, on the wall clock: an injected ``now`` only serves this refresh's
+        # own look); it writes the full status.
         reconcile(policy, settings, events)
         return True
     fields = {**snapshot_fields(snap), **kek_fields_from_status(snap, policy.status),
               **schedule_fields(policy, snap, request), "retention": retention_fields(outcome)}
+    if not snap.exact:  # keep when the counts were last exact
+        fields["counts"]["lastExactAt"] = (policy.status.get("counts") or {}).get(
+            "lastExactAt")
     metrics.observe_counts(policy.namespace, policy.name, snap)
     _refresh_conditions(policy, snap, request, healed, fields)
     return True
+
+
+def _counting(policy: Policy, settings: OperatorSettings | None, now: datetime
+              ) -> dict[str, Any]:
+    """Exact counts when the last were longer ago than the interval (or never); else the
+    statistics' estimates for large tables (issue #11: a full scan every minute holds back
+    VACUUM on a 100M-row table)."""
+    if settings is None:
+        return {"exact": True}
+    last = (policy.status.get("counts") or {}).get("lastExactAt")
+    stale = last is None or (now - datetime.fromisoformat(str(last).replace("Z", "+00:00"))
+                             ).total_seconds() >= settings.exact_count_interval
+    return {"exact": stale, "exact_below": settings.exact_count_below}
 
 
 def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed: bool,
@@ -636,8 +717,9 @@ def _scheduled_due(snap: Snapshot, request: Request) -> bool:
 def _lifecycle(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig, snap: Snapshot,
                now: datetime) -> Outcome:
     """The census, and the retention steps that are due (none while paused)."""
-    outcome = Lifecycle(dsn, cfg, actor=policy.actor).run(
-        policy.retention(), now, snap.rows_per_key(), apply=not policy.paused)
+    outcome = Lifecycle(dsn, cfg, actor=policy.actor, owner=policy.owner).run(
+        policy.retention(), now, snap.rows_per_key(), apply=not policy.paused,
+        exact=snap.exact)
     for step in outcome.done:
         what = "disabled (no ring unwraps it; `keys enable` undoes it)" \
             if step.action == "disable" else "destroyed (its wrapped bytes are erased)"
@@ -722,8 +804,10 @@ def _kek_fields(snap: Snapshot, presented: set[str], current: str, source: str
                 ) -> dict[str, Any]:
     keys = snap.summary()["keys"]
     for key, status in zip(keys, snap.keys, strict=True):
-        key["kek"] = status.kek_fingerprint if status.kek_fingerprint in presented else "unknown"
-    needed = any(k.kek_fingerprint != current for k in snap.keys)
+        key["kek"] = None if status.state == "destroyed" else (
+            status.kek_fingerprint if status.kek_fingerprint in presented else "unknown")
+    # a destroyed key wraps nothing any more: it needs no KEK
+    needed = any(k.kek_fingerprint != current for k in snap.keys if k.state != "destroyed")
     return {"keys": keys, "kek": {"fingerprint": current, "source": source,
                                   "previousKeksNeeded": needed}}
 
