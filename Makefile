@@ -5,22 +5,25 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := test
 
-# Prefer the project venv when it exists, so `make test` works without activating it.
+# Every target runs in the project venv, which `setup` creates (hack/setup.sh installs
+# whatever of Debian's packages and the venv is missing, so `make demo` and `make test` are
+# all a fresh machine needs).
 VENV := .venv
-PYTHON := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
-BIN := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/,)
+PYTHON := $(VENV)/bin/python
+BIN := $(VENV)/bin/
 PYTEST_ARGS ?=
 
-.PHONY: venv controlplane testenv-up testenv-down test lint demo bench
+.PHONY: setup venv controlplane testenv-up testenv-down test lint demo bench
 
-venv:
-	python3.11 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -e '.[dev]'
+setup:
+	hack/setup.sh
+
+venv: setup
 
 controlplane:
 	hack/testenv/build.sh
 
-testenv-up:
+testenv-up: setup
 	$(PYTHON) hack/testenv/testenv.py up
 
 testenv-down:
@@ -28,11 +31,11 @@ testenv-down:
 
 # TESTENV_BIN hands the already-built binaries to the fixtures. pytest's exit code 5 (no
 # tests collected) is non-zero, so an empty run fails the target like any other failure.
-test:
+test: setup
 	bin_dir="$$(hack/testenv/build.sh)"; \
 	TESTENV_BIN="$$bin_dir" $(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-lint:
+lint: setup
 	$(BIN)ruff check src tests hack bench
 	$(BIN)mypy
 	$(BIN)lint-imports
@@ -43,12 +46,12 @@ lint:
 
 # A real rotation on a local control plane + PostgreSQL, with the operator running as its
 # own least-privilege identity (see hack/demo.sh).
-demo:
+demo: setup
 	hack/testenv/build.sh >/dev/null
 	PYTHON=$(PYTHON) hack/demo.sh
 
 # Throughput, memory and latency figures (bench/README.md). BENCH_ARGS="--rows 10000000" etc.
 BENCH_ARGS ?=
-bench:
+bench: setup
 	hack/testenv/build.sh >/dev/null
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)

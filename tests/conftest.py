@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.fix_db",
     "tests.fixtures.fix_operator",
     "tests.fixtures.fix_hsm",
+    "tests.fixtures.fix_prometheus",
 ]
 
 _TESTS = Path(__file__).resolve().parent

@@ -197,6 +197,15 @@ class RowsUnderUnusableKey(RotationOperatorError):
     retry_delay = 120.0
 
 
+class NotLeading(RotationOperatorError):
+    """This replica lost the leader Lease: it writes nothing to the cluster any more (it
+    exits and comes back as a standby)."""
+
+    reason = "NotLeading"
+    retryable = True
+    retry_delay = 5.0
+
+
 class ServerUnsupported(ConfigError):
     """The PostgreSQL server is too old (TID range scans need 14 or later)."""
 

@@ -727,18 +727,11 @@ class KeyStore:
                 "AND p.attname = %s AND NOT p.inherited WHERE c.oid = %s",
                 (layout.target.key_id_column, heap.oid)).fetchone()
             live, null_frac, mcv, freqs = row if row else (0.0, None, None, None)
-            if live <= exact_below or null_frac is None:
-                counted = conn.execute(sql.SQL(
-                    "SELECT {kid}, count(*) FROM ONLY {h} GROUP BY {kid}").format(
-                        kid=kid, h=heap.ident)).fetchall()
-                for k, n in counted:
-                    totals[k] = totals.get(k, 0) + n
-                continue
             try:
                 values = [int(v) for v in str(mcv).strip("{}").split(",") if v] if mcv else []
             except ValueError:  # not an integer column after all: count it
                 values, null_frac = [], None
-            if null_frac is None:
+            if live <= exact_below or null_frac is None:  # small, or never analysed
                 counted = conn.execute(sql.SQL(
                     "SELECT {kid}, count(*) FROM ONLY {h} GROUP BY {kid}").format(
                         kid=kid, h=heap.ident)).fetchall()

@@ -289,6 +289,10 @@ class BatchMover:
         for attempt in range(BATCH_RETRIES):
             try:
                 with conn.transaction():
+                    # A batch need not wait for its WAL to reach disk: lost in a crash, it
+                    # is redone on resume (its progress is in the same transaction), and
+                    # the rotation's synchronous finish flushes every batch before it.
+                    conn.execute("SET LOCAL synchronous_commit = off")
                     self.store.check_fence(conn, fence.record_id, fence.token,
                                            fence.key_version)
                     result = self.run(conn, lo, hi, bounded)

@@ -208,4 +208,12 @@ def test_deployment_pod_passes_restricted_pod_security(kubectl: Kubectl,
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health",
                                                      "scheme": "HTTP"}
     assert template["metadata"]["annotations"]["prometheus.io/port"] == "9090"
-    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas with leader election (issue #12): a rolling update keeps one of them up,
+    # and each knows its own pod name for the Lease's holder identity.
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--leader-elect" in container["args"]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in container.get("env", [])}
+    assert env.get("POD_NAME") == "metadata.name"
+    assert env.get("POD_NAMESPACE") == "metadata.namespace"

@@ -31,7 +31,7 @@ def test_replica_lag_throttles_the_rotation_visibly_until_the_replica_replays(
         assert rotation["phase"] == "Running"
         assert rotation["maxRowsPerSecond"] == 4000
         assert rotation["throttle"]["reason"] == "ReplicationLag"
-        assert rotation["throttle"]["lagSeconds"] > 1.0
+        assert rotation["throttle"]["lagSeconds"] >= 1.0  # above 1 s, shown to 0.1 s
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                          timeout=5).read().decode()
         assert any(line.startswith("rotation_operator_throttled{")

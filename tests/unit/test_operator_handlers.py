@@ -60,7 +60,7 @@ def test_retryable_error_becomes_temporary_error_with_its_delay(rec: Recorder) -
     with pytest.raises(kopf.TemporaryError) as info, \
             handlers.boundary(_policy(), rec):  # type: ignore[arg-type]
         raise SecretError("KEK: Secret ns/app-kek does not exist")
-    assert info.value.delay == SecretError.retry_delay
+    assert info.value.delay == 2.0  # the first retry comes soon: a fix is picked up fast
     assert str(info.value).startswith("SecretMissing: KEK: Secret ns/app-kek")
     (patch,) = rec.patches
     ready = _cond(patch, "Ready")
@@ -71,17 +71,27 @@ def test_retryable_error_becomes_temporary_error_with_its_delay(rec: Recorder) -
     assert rec.events == [("Warning", "SecretMissing", "KEK: Secret ns/app-kek does not exist")]
 
 
+def test_retries_back_off_up_to_the_errors_own_delay(rec: Recorder) -> None:
+    exc = SecretError("missing")
+    assert [handlers.retry_delay(exc, r) for r in range(6)] == [2, 4, 8, 16, 30, 30]
+    assert SecretError.retry_delay == 30
+    with pytest.raises(kopf.TemporaryError) as info, \
+            handlers.boundary(_policy(), rec, retry=9):  # type: ignore[arg-type]
+        raise SecretError("KEK: Secret ns/app-kek does not exist")
+    assert info.value.delay == SecretError.retry_delay
+
+
 def test_retry_delay_is_capped_by_the_setting(rec: Recorder,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(settings, "current", settings.OperatorSettings(max_retry_delay=2.0))
+    monkeypatch.setattr(settings, "current", settings.OperatorSettings(max_retry_delay=1.5))
     with pytest.raises(kopf.TemporaryError) as info, \
-            handlers.boundary(_policy(), rec):  # type: ignore[arg-type]
+            handlers.boundary(_policy(), rec, retry=9):  # type: ignore[arg-type]
         raise KekMismatchError("the KEK does not match")
-    assert info.value.delay == 2.0
+    assert info.value.delay == 1.5
     with pytest.raises(kopf.TemporaryError) as info, \
             handlers.boundary(_policy(), rec):  # type: ignore[arg-type]
         raise DatabaseUnavailable("down")
-    assert info.value.delay == min(DatabaseUnavailable.retry_delay, 2.0)
+    assert info.value.delay == 1.5
 
 
 def test_permanent_error_for_a_bad_spec(rec: Recorder) -> None:

@@ -9,6 +9,7 @@ import logging
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -17,12 +18,18 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from ..database import translate
-from ..errors import InternalError, KubernetesUnavailable, RotationOperatorError
+from ..errors import (
+    InternalError,
+    KubernetesUnavailable,
+    RotationOperatorError,
+    RowDecryptError,
+)
+from . import kube, leader, logs, metrics, workflow
 from . import settings as operator_settings
-from . import workflow
 from .kube import GROUP, PLURAL, VERSION
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+WATCH_TIMER = "watch-inputs"
 log = logging.getLogger(__name__)
 
 
@@ -31,10 +38,16 @@ class _Events:
         self.body = body
 
     def info(self, reason: str, message: str) -> None:
-        kopf.event(self.body, type="Normal", reason=reason, message=message)
+        self._post("Normal", reason, message)
 
     def warn(self, reason: str, message: str) -> None:
-        kopf.event(self.body, type="Warning", reason=reason, message=message)
+        self._post("Warning", reason, message)
+
+    def _post(self, type_: str, reason: str, message: str) -> None:
+        if not leader.may_act():  # an old leader that woke up posts nothing
+            log.warning("Event %s not posted: this replica no longer leads", reason)
+            return
+        kopf.event(self.body, type=type_, reason=reason, message=message)
 
 
 def _policy(body: kopf.Body) -> workflow.Policy:
@@ -62,22 +75,57 @@ def as_error(exc: Exception) -> RotationOperatorError:
                          "where it happened)")
 
 
+@dataclass
+class Retrying:
+    """A reconcile that failed and waits for Kopf's retry: what would make it worth
+    retrying at once (a newer generation, a changed Secret, the named row repaired)."""
+
+    generation: int
+    reason: str
+    row: tuple[str, object] | None = None  # (table, id) of the row it stopped on
+    row_version: str | None = None
+
+
+#: (namespace, name) -> the reconcile waiting for its retry (this process only).
+_retrying: dict[tuple[str, str], Retrying] = {}
+#: (namespace, name) -> the referenced Secrets' versions last seen.
+_secrets_seen: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def retry_delay(exc: RotationOperatorError, retry: int) -> float:
+    """Back off 2, 4, 8 ... seconds up to the error's own delay (and the operator's cap):
+    a fix in the first minutes is picked up within seconds, a lasting failure costs
+    little.  Changes the operator can see (spec, Secrets, the named row) retry at once."""
+    delay = min(float(exc.retry_delay), 2.0 * 2.0 ** max(retry, 0))
+    cap = operator_settings.current.max_retry_delay
+    return delay if cap is None else min(delay, cap)
+
+
 @contextmanager
-def boundary(policy: workflow.Policy, events: _Events) -> Iterator[workflow.StatusWriter]:
-    """Map every error to status + Event + Kopf's retry semantics."""
+def boundary(policy: workflow.Policy, events: _Events, retry: int = 0,
+             reconciling: bool = False) -> Iterator[workflow.StatusWriter]:
+    """Map every error to status + Event + Kopf's retry semantics; ``reconciling``: the
+    reconcile handler's run, whose retry may be brought forward."""
     writer = workflow.StatusWriter(policy)  # the run writes through it, and so does a failure
+    key = (policy.namespace, policy.name)
     try:
-        yield writer
+        with logs.policy(policy.namespace, policy.name):
+            yield writer
     except (kopf.TemporaryError, kopf.PermanentError):
         raise
     except Exception as raw:
         exc = as_error(raw)
         workflow.fail(policy, exc, events, writer)
         if exc.retryable:
-            cap = operator_settings.current.max_retry_delay
-            delay = exc.retry_delay if cap is None else min(exc.retry_delay, cap)
-            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=delay) from None
+            if reconciling:
+                row = (exc.table, exc.row_id) if isinstance(exc, RowDecryptError) else None
+                _retrying[key] = Retrying(policy.generation, exc.reason, row)
+            raise kopf.TemporaryError(f"{exc.reason}: {exc}",
+                                      delay=retry_delay(exc, retry)) from None
+        _retrying.pop(key, None)
         raise kopf.PermanentError(f"{exc.reason}: {exc}") from None
+    if reconciling:
+        _retrying.pop(key, None)
 
 
 @kopf.on.startup()
@@ -115,10 +163,12 @@ def _spec_changed(diff: kopf.Diff, **_: Any) -> bool:
 @kopf.on.create(*RESOURCE, id="reconcile")
 @kopf.on.update(*RESOURCE, id="reconcile", when=_spec_changed)
 def reconcile(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any],
-              **_: Any) -> None:
+              retry: int = 0, **_: Any) -> None:
     """Create, operator restart, spec change: initialise, rotate if asked, report."""
     policy, events = _policy(body), _Events(body)
-    with boundary(policy, events) as writer:
+    # What the Secrets are as this run reads them: a change from here on is noticed.
+    _secrets_seen[(policy.namespace, policy.name)] = _secret_versions(policy)
+    with boundary(policy, events, retry, reconciling=True) as writer:
         summary = workflow.reconcile(policy, operator_settings.current, events, writer)
     logger.info("reconciled: %s", summary)
 
@@ -132,3 +182,71 @@ def refresh(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]
     with boundary(policy, events):
         if not workflow.refresh(policy, events, operator_settings.current):
             logger.debug("refresh skipped: a reconciliation is running")
+
+
+@kopf.on.event(*RESOURCE)
+def spec_changed_while_retrying(body: kopf.Body, **_: Any) -> None:
+    """A spec change is a fresh start: a reconcile waiting out a retry delay for an older
+    generation runs at once (Kopf alone would let the delay run out first)."""
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    waiting = _retrying.get(key)
+    if waiting is not None and int(meta.get("generation") or 0) > waiting.generation:
+        _bring_forward(key, "the spec changed")
+
+
+@kopf.timer(*RESOURCE, id=WATCH_TIMER, interval=operator_settings.current.recheck_interval,
+            initial_delay=operator_settings.current.recheck_interval)
+def watch_inputs(body: kopf.Body, **_: Any) -> None:
+    """Every few seconds, cheaply: did a referenced Secret change (a GET each), or the
+    row a failed rotation stopped on (one indexed read)?  A change retries a failing
+    reconcile at once, and re-proves the KEK of a healthy policy, so a wrong key put into
+    its Secret shows as not Ready within seconds."""
+    policy, events = _policy(body), _Events(body)
+    key = (policy.namespace, policy.name)
+    versions = _secret_versions(policy)
+    before = _secrets_seen.get(key)
+    _secrets_seen[key] = versions
+    changed = before is not None and before != versions
+    waiting = _retrying.get(key)
+    if waiting is not None:
+        if changed:
+            _bring_forward(key, "a referenced Secret changed")
+        elif waiting.row is not None:
+            with logs.policy(*key):
+                try:
+                    now = workflow.row_version(policy, *waiting.row)
+                except RotationOperatorError as exc:
+                    log.debug("row probe failed: %s", exc)
+                    return
+            if waiting.row_version is None:
+                waiting.row_version = now
+            elif now != waiting.row_version:
+                _bring_forward(key, f"row {waiting.row[1]!r} of {waiting.row[0]} changed")
+        return
+    if changed:
+        with boundary(policy, events):
+            workflow.refresh(policy, events, operator_settings.current, recheck=True)
+
+
+def _secret_versions(policy: workflow.Policy) -> dict[str, str]:
+    return {n: kube.secret_version(policy.namespace, n)
+            for n in workflow.referenced_secrets(policy)}
+
+
+def _bring_forward(key: tuple[str, str], why: str) -> None:
+    log.info("[%s/%s] %s: retrying the reconcile now", key[0], key[1], why)
+    _retrying.pop(key, None)
+    try:
+        kube.reset_retry(key[0], key[1], "reconcile")
+    except RotationOperatorError as exc:  # Kopf's own retry still comes
+        log.warning("could not bring the retry forward: %s", exc)
+
+
+@kopf.on.delete(*RESOURCE, optional=True)
+def forget(body: kopf.Body, **_: Any) -> None:
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    _retrying.pop(key, None)
+    _secrets_seen.pop(key, None)
+    metrics.forget(*key)  # a deleted policy's series go too

@@ -20,8 +20,14 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ..errors import AccessDenied, KubernetesUnavailable, RotationOperatorError, SecretError
-from . import metrics
+from ..errors import (
+    AccessDenied,
+    KubernetesUnavailable,
+    NotLeading,
+    RotationOperatorError,
+    SecretError,
+)
+from . import leader, metrics
 
 GROUP, VERSION, PLURAL = "rotation-operator.io", "v1alpha1", "encryptionpolicies"
 #: (connect, read) seconds for every call.
@@ -63,6 +69,36 @@ def read_secret(namespace: str, name: str, key: str, what: str) -> bytes:
     return base64.b64decode(data[key])
 
 
+def secret_version(namespace: str, name: str) -> str:
+    """What a Secret is now, for change detection only: its resourceVersion, or
+    ``absent`` / ``forbidden`` / ``unreachable`` (never its data)."""
+    try:
+        secret = _call("read_secret", f"Secret {namespace}/{name}",
+                       lambda: client.CoreV1Api().read_namespaced_secret(
+                           name, namespace, _request_timeout=TIMEOUT))
+    except ApiException as exc:
+        return {404: "absent", 403: "forbidden"}.get(exc.status or 0, "unreachable")
+    except KubernetesUnavailable:
+        return "unreachable"
+    meta = secret.metadata
+    return str(meta.resource_version) if meta is not None else "unknown"
+
+
+def reset_retry(namespace: str, name: str, handler: str) -> None:
+    """Forget Kopf's retry state of ``handler`` on the policy (its progress annotation):
+    Kopf then runs the handler at once, as if for the first time."""
+    if not leader.may_act():
+        return
+    body = {"metadata": {"annotations": {f"{GROUP}/{handler}": None}}}
+    try:
+        _call("patch_policy", f"retry reset of {namespace}/{name}",
+              lambda: client.CustomObjectsApi().patch_namespaced_custom_object(
+                  GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=TIMEOUT))
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _http(f"retry reset of {namespace}/{name}", exc) from None
+
+
 def get_policy(namespace: str, name: str) -> dict[str, Any] | None:
     """The policy object, or None if it is gone."""
     try:
@@ -88,6 +124,9 @@ def patch_status(namespace: str, name: str, status: dict[str, Any],
     """Merge-patch the status subresource of one EncryptionPolicy; with
     ``resource_version``, only if the object is still that version (else :class:`Conflict`):
     conditions computed from a read are never written over a newer writer's."""
+    if not leader.may_act():
+        raise NotLeading(f"status update of {namespace}/{name} refused: this replica no "
+                         "longer holds the leader Lease")
     body: dict[str, Any] = {"status": status}
     if resource_version is not None:
         body["metadata"] = {"resourceVersion": resource_version}

@@ -68,9 +68,25 @@ BUILD = Gauge("rotation_operator_build_info", "The running version", ("version",
 BUILD.labels(__version__).set(1)
 
 
+_known: set[tuple[str, str]] = set()
+
+
+def _initialise(labels: tuple[str, str]) -> None:
+    """Every counter of a policy exists from its first observation, at 0: ``increase()``
+    and ``rate()`` then see the first failure too (a series born at 1 shows no increase)."""
+    if labels in _known:
+        return
+    _known.add(labels)
+    for result in ("succeeded", "failed", "noop"):
+        ROTATIONS.labels(*labels, result)
+    ROWS.labels(*labels)
+    DECRYPT_FAILURES.labels(*labels)
+
+
 def observe_counts(namespace: str, name: str, snap: Any) -> None:
     """Gauges from an :class:`~rotation_operator.inspection.Snapshot`."""
     labels = (namespace, name)
+    _initialise(labels)
     if snap.active_version is not None:
         ACTIVE.labels(*labels).set(snap.active_version)
     active = next((k for k in snap.keys if k.state == "active"), None)
@@ -139,9 +155,10 @@ def clear_max_key_age(namespace: str, name: str) -> None:
 
 def forget(namespace: str, name: str) -> None:
     """Drop every series of a policy that is gone."""
+    _known.discard((namespace, name))
     for metric in (IN_PROGRESS, ROWS_DONE, ROWS_TOTAL, LAST_PROGRESS, LAST_FINISHED, ACTIVE,
                    ACTIVE_CREATED, SECRETS, LEGACY, STALE, RETIRED, KEY_ROWS, CONDITION,
-                   MAX_KEY_AGE, THROTTLED, REPLICATION_LAG):
+                   MAX_KEY_AGE, THROTTLED, REPLICATION_LAG, ROTATIONS, ROWS, DECRYPT_FAILURES):
         for labels in list(metric._metrics):
             if labels[:2] == (namespace, name):
                 metric.remove(*labels)

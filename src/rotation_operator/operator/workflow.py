@@ -65,7 +65,10 @@ log = logging.getLogger(__name__)
 _busy: dict[tuple[str, str], threading.Lock] = {}
 _busy_guard = threading.Lock()
 #: Ready reasons the refresh timer may clear once counts can be read again.
-_TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden", "KubernetesUnavailable")
+_TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden", "KubernetesUnavailable",
+              "KEKMismatch", "KEKInvalid", "LegacyRowsNeedRawKEK", "HSMModuleMissing",
+              "HSMTokenMissing", "HSMLoginFailed", "HSMKeyMissing", "HSMKeyUnsuitable",
+              "HSMError")
 _ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP, Action.REKEY)
 #: maxEncryptionsPerKey by default: 2^30, a quarter of NIST SP 800-38D's 2^32 bound for
 #: random 96-bit nonces under one key.
@@ -283,6 +286,35 @@ def _kek(policy: Policy, source: Mapping[str, Any], where: str, weak: list[str])
     pin = kube.read_secret(ns, pin_ref["name"], pin_ref.get("key", "pin"), "HSM PIN")
     from ..pkcs11kek import Pkcs11Kek  # the PKCS#11 binding only where it is used
     return Pkcs11Kek(hsm["module"], hsm["tokenLabel"], hsm["keyLabel"], pin.strip())
+
+
+def referenced_secrets(policy: Policy) -> list[str]:
+    """Names of the Secrets the policy reads: the DSN's, the KEK's (or its HSM PIN's), and
+    those of ``previousKeks``, without duplicates."""
+    names = [((policy.spec.get("database") or {}).get("secretRef") or {}).get("name")]
+    for source in [policy.spec.get("kek") or {}, *(policy.spec.get("previousKeks") or [])]:
+        names.append((source.get("secretRef") or {}).get("name"))
+        names.append(((source.get("pkcs11") or {}).get("pinSecretRef") or {}).get("name"))
+    return sorted({n for n in names if isinstance(n, str) and n})
+
+
+def row_version(policy: Policy, table: str, row_id: object) -> str:
+    """What one row of a target is now (its ``xmin``, or ``gone``), for noticing that a
+    row a rotation stopped on was repaired; read as the operator's role, needs no KEK."""
+    from psycopg import sql
+
+    from ..database import connect, db_errors
+
+    target = next((t for t in policy.store_config().targets
+                   if t.name == table or t.table == table), None)
+    if target is None:
+        return "gone"
+    ident = sql.Identifier(target.schema, target.table) if target.schema else \
+        sql.Identifier(target.table)
+    with db_errors(), connect(read_dsn(policy)) as conn:
+        row = conn.execute(sql.SQL("SELECT xmin::text FROM {} WHERE {} = %s").format(
+            ident, sql.Identifier(target.id_column)), (row_id,)).fetchone()
+    return str(row[0]) if row else "gone"
 
 
 def read_secrets(policy: Policy) -> tuple[str, Keks]:
@@ -598,7 +630,7 @@ def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> Non
 
 
 def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None = None,
-            now: datetime | None = None) -> bool:
+            now: datetime | None = None, *, recheck: bool = False) -> bool:
     """Timer: refresh counts and keys, sweep rows found under a retired key, take the
     retention steps that are due, and start a scheduled rotation when one is due.  False if
     a reconciliation is busy.
@@ -613,7 +645,11 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         return True
     now = now or datetime.now(UTC)
     ready = conditions.get(policy.conditions(), READY)
-    transient = ready is not None and ready.get("reason") in _TRANSIENT
+    # ``recheck``: a referenced Secret changed; prove the KEK again now, as a failing
+    # policy would (a valid but different KEK must not stay Ready until the next bump)
+    failing = ready is not None and ready.get("status") == "False" and \
+        ready.get("reason") in _TRANSIENT
+    transient = recheck or failing
     cfg = policy.store_config()
     request = policy.request(now)
     lock = policy_lock(policy)
@@ -628,7 +664,7 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
                                   owner=policy.owner, previous=keks.previous).prepare()
             finally:
                 keks.close()
-            healed = prepared.state.served is not None and \
+            healed = failing and prepared.state.served is not None and \
                 prepared.state.served >= policy.desired
         else:
             dsn = read_dsn(policy)
@@ -762,11 +798,15 @@ def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
     after Kopf took the body) is reported as RotationFailed rather than Idle.
     """
     was_rotating = (conditions.get(writer.conds, ROTATING) or {}).get("status") == "True"
+    before = conditions.get(writer.conds, READY) or {}
+    repeated = before.get("status") == "False" and before.get("reason") == exc.reason and \
+        before.get("message") == str(exc)[:conditions.MAX_MESSAGE]
     writer.condition(READY, False, exc.reason, str(exc))
     writer.condition(ROTATING, False, "RotationFailed" if was_rotating else "Idle",
                      str(exc) if was_rotating else "no rotation running")
     writer.condition(DEGRADED, True, exc.reason, str(exc))
-    events.warn(exc.reason, str(exc))
+    if not repeated:  # a retry that fails the same way adds no Event
+        events.warn(exc.reason, str(exc))
     fields: dict[str, Any] = {}
     if writer.rotation is not None and writer.rotation.get("phase") in ("Pending", "Running"):
         # This run's rotation failed (perhaps before it started): say so, in its own terms.
