@@ -608,8 +608,9 @@ def main() -> int:
                    help="writes per second of the application writer (library defaults)")
     p.add_argument("--idle-seconds", type=float, default=10.0,
                    help="seconds the writer runs alone before the rotation (the idle figure)")
-    p.add_argument("--impact-rate-limit", type=int, default=100_000,
-                   help="maxRowsPerSecond of a second impact run (0 skips it)")
+    p.add_argument("--impact-rate-limit", type=int, nargs="*",
+                   default=[50_000, 20_000, 10_000],
+                   help="maxRowsPerSecond of further impact runs, one each (none: skip)")
     p.add_argument("--lag-limit", type=float, default=1.0,
                    help="maxReplicationLag, seconds, of the limited replica-lag run")
     p.add_argument("--no-operator", action="store_true", help="skip the control-plane latency")
@@ -665,13 +666,13 @@ def main() -> int:
                 results["impact"] = res
                 log(f"impact: idle {res['idle']}, during {res['during']}, lost writes "
                     f"{res['lost_writes']}, WAL {res['wal_bytes_per_row']:.0f} B/row")
-                if args.impact_rate_limit:
+                results["impact_limited"] = []
+                for limit in [x for x in args.impact_rate_limit if x > 0]:
                     vacuum(dsn)
                     res = impact(dsn, args.impact_rows, args.writer_rate, args.workers,
-                                 args.batch_size, args.idle_seconds, args.impact_rate_limit)
-                    results["impact_limited"] = {**res, "max_rows_per_second":
-                                                 args.impact_rate_limit}
-                    log(f"impact at maxRowsPerSecond {args.impact_rate_limit}: idle "
+                                 args.batch_size, args.idle_seconds, limit)
+                    results["impact_limited"].append({**res, "max_rows_per_second": limit})
+                    log(f"impact at maxRowsPerSecond {limit}: idle "
                         f"{res['idle']}, during {res['during']}, lost {res['lost_writes']}")
             sections.run("impact", impact_all)
             results["replica_lag"] = sections.run(
@@ -738,6 +739,10 @@ def engine_case(dsn: str, rows: int, size: int, args: argparse.Namespace) -> dic
     if rows == args.max_rows:
         case["ceiling_rows_per_s"] = stats([ceiling(dsn) for _ in range(args.repeat)])
     return case
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> None:
@@ -816,17 +821,32 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
               f"{imp['during'].get('p50_ms', 0):.1f}/{imp['during'].get('p99_ms', 0):.1f}/"
               f"{imp['during'].get('max_ms', 0):.1f} ms; lost writes {imp['lost_writes']}; "
               f"WAL {imp['wal_bytes_per_row']:.0f} bytes per rotated row")
-    lim = res.get("impact_limited")
+    runs = ([{**imp, "max_rows_per_second": None}] if imp else []) + \
+        list(res.get("impact_limited") or [])
+    sweep = [{"max_rows_per_second": r["max_rows_per_second"],
+              "p99_idle_ms": r["idle"].get("p99_ms"), "p99_during_ms": r["during"].get("p99_ms"),
+              "p99_ratio": _ratio(r["during"].get("p99_ms"), r["idle"].get("p99_ms")),
+              "max_during_ms": r["during"].get("max_ms"), "lost_writes": r["lost_writes"],
+              "rotation_s": r["rotation_s"]} for r in runs]
+    if sweep:
+        summary["impact_sweep"] = sweep
+        summary["app_p99_ratio"] = sweep[0]["p99_ratio"] if imp else None
+        within = [r for r in sweep if r["p99_ratio"] is not None and r["p99_ratio"] <= 2.0]
+        # The fastest setting that keeps p99 within 2x of idle (None: the default does).
+        summary["impact_2x_max_rows_per_second"] = (
+            within[0]["max_rows_per_second"] if within else "none measured")
+        for r in sweep[1:] if imp else sweep:
+            print(f"  with maxRowsPerSecond {r['max_rows_per_second']}: p99/max during "
+                  f"{r['p99_during_ms'] or 0:.1f}/{r['max_during_ms'] or 0:.1f} ms (idle p99 "
+                  f"{r['p99_idle_ms'] or 0:.1f} ms, {r['p99_ratio'] or 0:.1f}x), rotation "
+                  f"{r['rotation_s']:.1f}s, lost writes {r['lost_writes']}")
+    lim = (res.get("impact_limited") or [None])[0]
     if lim:
         summary.update({"app_p99_during_limited_ms": lim["during"].get("p99_ms"),
                         "app_max_during_limited_ms": lim["during"].get("max_ms"),
                         "app_lost_writes_limited": lim["lost_writes"],
                         "impact_limited_rows_per_s": lim["max_rows_per_second"],
                         "impact_limited_rotation_s": lim["rotation_s"]})
-        print(f"  with maxRowsPerSecond {lim['max_rows_per_second']}: p99/max during "
-              f"{lim['during'].get('p99_ms', 0):.1f}/{lim['during'].get('max_ms', 0):.1f} ms "
-              f"(idle p99 {lim['idle'].get('p99_ms', 0):.1f} ms), rotation "
-              f"{lim['rotation_s']:.1f}s, lost writes {lim['lost_writes']}")
     lag = res.get("replica_lag")
     if lag:
         summary["replica_lag_max_s"] = lag["unlimited"]["max_lag_s"]

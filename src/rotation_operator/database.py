@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import (
     DatabaseError,
@@ -35,6 +36,12 @@ MIN_SERVER_VERSION = 140000
 #: an idle session (the rotation lock's) is not reaped by a NAT or proxy idle timer.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
               "keepalives_count": 3}
+#: The same on the server's side of each session, and a bound on unacknowledged data:
+#: when the client's host vanishes (node lost, partition), its backend ends within about
+#: 30 s instead of the kernel's two hours, and with it the rotation lock, the batch's
+#: row locks and anything a new leader's resume would wait for.
+SERVER_KEEPALIVES = ("-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 "
+                     "-c tcp_keepalives_count=3 -c tcp_user_timeout=30000")
 #: Transient conflicts a batch simply retries (application transactions hold its rows).
 RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 #: SQLSTATE classes whose primary message names objects (tables, roles, settings), never
@@ -66,11 +73,25 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "rotat
     The DSN is never put in the error: it may hold a password.
     """
     extra: dict[str, Any] = dict(KEEPALIVES)
-    if timeouts is not None:
-        extra["options"] = timeouts.options()
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10,
+        # The DSN's own ``options`` (e.g. a search_path) come first and are kept.
+        own = str(conninfo_to_dict(dsn).get("options") or "")
+    except psycopg.ProgrammingError as exc:  # malformed DSN
+        raise DatabaseUnavailable(f"invalid database DSN: {type(exc).__name__}") from None
+    ours = SERVER_KEEPALIVES if timeouts is None else f"{SERVER_KEEPALIVES} {timeouts.options()}"
+    extra["options"] = f"{own} {ours}".strip()
+    try:
+        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10,
                                application_name=application_name, **extra)
+        # What the operator reports as done (a finished rotation, a rewrap under a new
+        # KEK, a destroyed key) must be on disk when it says so, even where the database
+        # or role sets synchronous_commit = off; a stricter setting (remote_apply, ...)
+        # is kept.
+        conn.execute("SELECT set_config('synchronous_commit', 'on', false) "
+                     "WHERE current_setting('synchronous_commit') = 'off'")
+        if not autocommit:
+            conn.commit()
+        return conn
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {first_line(exc)}") from None
     except psycopg.ProgrammingError as exc:  # malformed DSN

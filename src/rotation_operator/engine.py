@@ -594,6 +594,15 @@ class _Run:
         Either stops the rotation with :class:`RotationStuck`, naming a row.
         """
         moved_total, strikes = 0, 0
+        if after_handover:
+            # The pass before the handover moved every row it saw: count first, since
+            # the usual answer is that none arrived since, and a count is one scan where
+            # a pass is a scan plus its workers.
+            left = self.store.count_stale(self.conn, self.layouts, self.ring.active_version,
+                                          legacy=legacy)
+            if not left:
+                return 0
+            self._add_total(left)
         for number in range(1, MAX_FINAL_PASSES + 1):
             moved, _ = self._pass(legacy=legacy)
             moved_total += moved
@@ -601,11 +610,7 @@ class _Run:
                                           legacy=legacy)
             if not left:
                 return moved_total
-            self.counter.total += left
-            claim = self.claim
-            assert claim is not None
-            with self.conn.transaction():
-                self.store.add_progress(self.conn, claim.record_id, 0, left)
+            self._add_total(left)
             strikes = strikes + 1 if moved == 0 else 0
             if strikes >= STUCK_PASSES:
                 raise self._stuck(legacy, f"{STUCK_PASSES} passes moved none of the {left} "
@@ -615,6 +620,14 @@ class _Run:
         raise self._stuck(legacy, f"rows kept arriving under old keys in each of "
                                   f"{MAX_FINAL_PASSES} passes (an application writes with a "
                                   "stale key ring)" if after_handover else "too many passes")
+
+    def _add_total(self, left: int) -> None:
+        """Rows found still to move: the rotation's total grows by them (recorded)."""
+        self.counter.total += left
+        claim = self.claim
+        assert claim is not None
+        with self.conn.transaction():
+            self.store.add_progress(self.conn, claim.record_id, 0, left)
 
     def _stuck(self, legacy: bool, why: str) -> RotationStuck:
         active = self.ring.active_version

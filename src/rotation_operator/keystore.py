@@ -713,20 +713,34 @@ class KeyStore:
         planner's statistics say (``pg_stats``: the NULL fraction and the most common
         values, which hold every key id the last ANALYZE sampled; the rest of the mass
         goes to the active key).  A heap smaller than ``exact_below`` rows, or one never
-        analysed, is counted exactly.  Returns (counts, all counted exactly)."""
+        analysed, is counted exactly.  Statistics older than the last rotation or sweep
+        (the operator's role may not ANALYZE a table it does not own, and autovacuum
+        comes when it likes) describe rows that have moved since: every live row of
+        such a heap is taken to be under the active key, where that rotation left it
+        (the exact counts, hourly and after each rotation, catch any that is not).
+        Returns (counts, all counted exactly)."""
         kid = sql.Identifier(layout.target.key_id_column)
         totals: dict[int | None, float] = {}
         exact = True
+        last = conn.execute(sql.SQL("SELECT max(finished_at) FROM {rot} WHERE phase = 'done'")
+                            .format(rot=self.rotations)).fetchone()
+        moved_at = last[0] if last else None
         for heap in layout.heaps:
             row = conn.execute(
                 "SELECT coalesce(s.n_live_tup, greatest(c.reltuples, 0))::float8, "
-                "p.null_frac::float8, p.most_common_vals::text, p.most_common_freqs::float8[] "
+                "p.null_frac::float8, p.most_common_vals::text, p.most_common_freqs::float8[], "
+                "coalesce(greatest(s.last_analyze, s.last_autoanalyze) < %s, false) "
                 "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid "
                 "LEFT JOIN pg_stats p ON p.schemaname = n.nspname AND p.tablename = c.relname "
                 "AND p.attname = %s AND NOT p.inherited WHERE c.oid = %s",
-                (layout.target.key_id_column, heap.oid)).fetchone()
-            live, null_frac, mcv, freqs = row if row else (0.0, None, None, None)
+                (moved_at, layout.target.key_id_column, heap.oid)).fetchone()
+            live, null_frac, mcv, freqs, outdated = row if row else (
+                0.0, None, None, None, False)
+            if outdated and null_frac is not None and live > exact_below:
+                exact = False
+                totals[active] = totals.get(active, 0.0) + live
+                continue
             try:
                 values = [int(v) for v in str(mcv).strip("{}").split(",") if v] if mcv else []
             except ValueError:  # not an integer column after all: count it

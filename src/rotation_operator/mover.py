@@ -190,9 +190,13 @@ class BatchMover:
             "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}) s "
             "WHERE before < %(budget)s ORDER BY t LIMIT %(n)s").format(**names)
         # Sessions waiting on a lock this backend holds: the application writers a batch
-        # keeps waiting (their pids are visible to every role; no privilege needed).
-        self.blocked = sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE "
-                               "pg_backend_pid() = ANY(pg_blocking_pids(pid))")
+        # keeps waiting.  pg_locks is readable by every role (pg_stat_activity hides other
+        # roles' wait events), and pg_blocking_pids, which takes the lock manager's
+        # partition locks, runs only for the few lock requests not granted (the CASE
+        # makes that order certain), not for every backend.
+        self.blocked = sql.SQL(
+            "SELECT count(DISTINCT pid) FROM pg_locks WHERE CASE WHEN granted THEN false "
+            "ELSE pg_backend_pid() = ANY(pg_blocking_pids(pid)) END")
         self.row_id = sql.SQL("SELECT {id} FROM ONLY {h} WHERE ctid = %(c)s::tid").format(**names)
         update = ("UPDATE ONLY {h} AS r SET {val} = u.v, {kid} = %(active)s "
                   "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
@@ -289,10 +293,6 @@ class BatchMover:
         for attempt in range(BATCH_RETRIES):
             try:
                 with conn.transaction():
-                    # A batch need not wait for its WAL to reach disk: lost in a crash, it
-                    # is redone on resume (its progress is in the same transaction), and
-                    # the rotation's synchronous finish flushes every batch before it.
-                    conn.execute("SET LOCAL synchronous_commit = off")
                     self.store.check_fence(conn, fence.record_id, fence.token,
                                            fence.key_version)
                     result = self.run(conn, lo, hi, bounded)
@@ -334,7 +334,12 @@ def plan(conn: Conn, work: Work) -> Plan:
         per_block = (count[0] if count else 0) / max(blocks, 1)
     by_rows = max(1, int(work.batch_size / max(per_block, 1.0)))
     if toast:
-        return Plan(blocks, by_rows, bounded=True)
+        # Values out of line: a range of blocks holds about this many bytes of them, so a
+        # range is about one byte-bounded batch, and the throttle, the pause and the lock
+        # checks between ranges come about once per batch, not once per thousand.
+        per_block_bytes = (blocks * block_size + toast) / blocks
+        by_bytes = max(1, int(work.max_batch_bytes / per_block_bytes))
+        return Plan(blocks, min(by_rows, by_bytes), bounded=True)
     # Inline values live in the pages: this many blocks cannot hold more than the budget.
     by_bytes = max(1, work.max_batch_bytes // block_size)
     return Plan(blocks, min(by_rows, by_bytes))
@@ -434,9 +439,18 @@ def _worker(dsn: str, cfg: StoreConfig, work: Work,
             def report(moved: int, legacy: int, read: int, blocked: int) -> None:
                 results.put(("batch", moved, legacy, read, blocked))
 
-            for a, b in iter(tasks.get, None):
+            while True:
+                try:
+                    task = tasks.get(timeout=1.0)
+                except queue_mod.Empty:
+                    task = ()
                 if os.getppid() != parent:
-                    return  # the rotator died: stop, its lock is gone
+                    return  # the rotator died (even by kill -9): stop, its lock is gone
+                if task is None:
+                    break
+                if not task:
+                    continue
+                a, b = task
                 mover.move_range(conn, pl, a, b, own_tx=True, on_batch=report)
                 results.put(("range",))
         results.put(("done",))

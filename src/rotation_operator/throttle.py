@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 ThrottleFn = Callable[[str | None, str, float | None], None]
 #: Seconds between looks at the replicas while waiting for them.
 POLL = 0.25
+#: At most this many seconds of rows may go faster than maxRowsPerSecond (a token bucket).
+BURST = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,12 @@ class Throttle:
             self._t0, self._moved = time.monotonic(), 0
         self._set(None, "", None)
         if self.rate:  # a steady state, shown as the limit and the rate, not as a pause
-            ahead = self._t0 + self._moved / self.rate - time.monotonic()
+            now = time.monotonic()
+            if self._t0 + self._moved / self.rate < now - BURST:
+                # Idle time (counting, the handover, a retry) is no credit for a burst:
+                # at most BURST seconds' worth of rows may go faster than the rate.
+                self._t0, self._moved = now - BURST, 0
+            ahead = self._t0 + self._moved / self.rate - now
             if ahead > 0:
                 self._sleep(ahead)
 
@@ -115,7 +122,11 @@ class Throttle:
             "SELECT coalesce(application_name, '') || '@' || coalesce(client_addr::text, "
             "'local'), extract(epoch FROM replay_lag)::float8, pg_current_wal_lsn()::text, "
             "replay_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 "
-            "FROM pg_stat_replication WHERE state IN ('streaming', 'catchup')").fetchall()
+            "FROM pg_stat_replication r WHERE state IN ('streaming', 'catchup') "
+            # physical standbys only: a logical consumer (a subscription, CDC) confirms
+            # its position when it likes, and is no replica a failover would promote
+            "AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.pid "
+            "AND a.datid IS NOT NULL)").fetchall()
         current = rows[0][2] if rows else self.conn.execute(
             "SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
         self._samples.append((now, _lsn(current)))

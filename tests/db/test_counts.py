@@ -94,3 +94,32 @@ def test_estimated_counts_never_start_a_zero_rows_clock(dsn: str) -> None:
                            ).fetchone()
     assert row is not None and row[0] is None
     assert [k[0] for k in keys(dsn, app.cfg)] == [1, 2]
+
+
+def test_statistics_older_than_the_last_rotation_put_every_row_under_the_active_key(
+        dsn: str) -> None:
+    """The operator's role may not ANALYZE the application's table: after a rotation the
+    planner's statistics still say "every row under v1".  The estimate must not believe
+    them (a refresh would report retired-key rows and sweep with full scans every minute
+    until autovacuum analyses the table)."""
+    app = make_app(dsn, 3000, legacy_every=0)
+    app.engine().rotate(2, ONLINE)
+    _analyze(dsn)  # statistics: every row under v2
+    app.engine().rotate(3, ONLINE)  # the engine's role does not own the table: no ANALYZE
+    time.sleep(1.0)
+    with psycopg.connect(admin_dsn(dsn)) as conn:
+        row = conn.execute("SELECT most_common_vals::text FROM pg_stats WHERE tablename = "
+                           "'secrets' AND attname = 'key_id'").fetchone()
+    assert row is not None and row[0] == "{2}", row  # the statistics are indeed out of date
+    est = inspection.snapshot(dsn, app.cfg, exact=False, exact_below=0)
+    assert not est.exact
+    assert est.retired_count == 0 and est.stale_count == 0, est.keys
+    assert abs(est.secret_count - 3000) <= 30
+    assert {k.version: k.rows for k in est.keys if k.rows} == {3: est.secret_count}
+    # once analysed after the rotation, the statistics are believed again
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
+        conn.execute("UPDATE secrets SET key_id = 2 WHERE id <= 300")
+    _analyze(dsn)
+    time.sleep(1.0)
+    est = inspection.snapshot(dsn, app.cfg, exact=False, exact_below=0)
+    assert 250 <= {k.version: k.rows for k in est.keys}.get(2, 0) <= 350, est.keys

@@ -21,6 +21,7 @@ from ..database import translate
 from ..errors import (
     InternalError,
     KubernetesUnavailable,
+    NotLeading,
     RotationOperatorError,
     RowDecryptError,
 )
@@ -115,6 +116,9 @@ def boundary(policy: workflow.Policy, events: _Events, retry: int = 0,
         raise
     except Exception as raw:
         exc = as_error(raw)
+        if isinstance(exc, NotLeading):  # nothing may be written; the leader takes over
+            log.warning("%s", exc)
+            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=exc.retry_delay) from None
         workflow.fail(policy, exc, events, writer)
         if exc.retryable:
             if reconciling:
@@ -140,6 +144,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 8
+    # A policy deleted while one of its timers runs keeps Kopf's finalizer until the
+    # timer returns; Kopf looks again after this many seconds (default 60, which made
+    # `kubectl delete --wait` hang for a minute whenever a refresh was under way).
+    settings.background.cancellation_polling = 1
     # Watching named namespaces (-n NS) must not need cluster-wide RBAC: without this,
     # Kopf lists and watches all namespaces to match patterns, and when RoleBindings (or
     # this ClusterRole, which has no namespaces rule) forbid it, retries with back-off for
@@ -147,6 +155,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     watched = operator_settings.current.namespaces
     if watched and not any(set(ns) & set("!*?,") for ns in watched):
         settings.scanning.disabled = True
+
+
+@kopf.on.cleanup()
+def stopping(**_: Any) -> None:
+    """SIGTERM (a rolling update, a drain): a running rotation stops between batches, so
+    the replica taking over resumes it at once instead of waiting for this process's
+    rotation thread to be killed; nothing more is written to the cluster."""
+    leader.stop_acting()
+    log.info("stopping: a running rotation stops after its current batch")
 
 
 def _spec_changed(diff: kopf.Diff, **_: Any) -> bool:

@@ -19,6 +19,15 @@ How (client-go's algorithm):
   another holder, it exits at once and comes back as a candidate.  Every status patch and
   Event first checks :func:`may_act`: an old leader that wakes up after a pause (SIGSTOP, a
   frozen VM) refuses to write before its renewal loop has even noticed;
+* every Lease call has a request timeout shorter than the renew deadline, so a
+  black-holed API server connection cannot keep the renewal loop from noticing the
+  deadline;
+* the renew deadline is measured on two clocks, ``CLOCK_BOOTTIME`` (which, unlike
+  ``CLOCK_MONOTONIC``, counts a suspend) and the wall clock, and the larger elapsed time
+  counts: a pause one of them misses still ends this replica's right to act;
+* a rotation checks :func:`may_act` between batches (the workflow's ``Control``) and
+  stops when it no longer holds, also while the process is stopping (:func:`stop_acting`),
+  so a clean handover does not leave the old leader moving rows behind the new one;
 * the database fences rotations on its own (advisory lock + fence token), so an old
   leader's batch cannot land after another rotator took over.
 
@@ -72,12 +81,26 @@ def default_identity() -> str:
 
 #: The elector of this process, once leader election is on (None: standalone, always acts).
 _current: LeaderElector | None = None
+_stopping = threading.Event()
 
 
 def may_act() -> bool:
-    """Whether this process may write to the cluster now: always when standalone; as
-    leader only while its last renewal is younger than the renew deadline."""
-    return _current is None or _current.valid()
+    """Whether this process may write to the cluster now, and go on rotating: when
+    standalone, until it stops; as leader, only while its last renewal is younger than
+    the renew deadline."""
+    return not _stopping.is_set() and (_current is None or _current.valid())
+
+
+def stop_acting() -> None:
+    """The process is stopping: from now on :func:`may_act` is False (a rotation stops
+    between batches, and nothing more is written)."""
+    _stopping.set()
+
+
+def _clocks() -> tuple[float, float]:
+    """(boot time, wall time): the first counts a suspend, the second a VM pause that
+    the host corrects on resume; elapsed time is the larger of the two."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME), time.time()
 
 
 def _now() -> datetime:
@@ -86,12 +109,16 @@ def _now() -> datetime:
 
 class LeaderElector:
     def __init__(self, cfg: LeaseConfig, api: Any | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 deadline_clocks: Callable[[], tuple[float, ...]] = _clocks) -> None:
         self.cfg = cfg
         self.identity = cfg.identity or default_identity()
         self.api = api or client.CoordinationV1Api()
-        self.clock = clock
-        self._renewed = -float("inf")  # clock() of the last successful acquire/renew
+        self.clock = clock  # for the lease expiry this replica observes (client-go's)
+        self.deadline_clocks = deadline_clocks  # for this replica's own renew deadline
+        # A request must fail well before the deadline, so that the loop can still act.
+        self.timeout = max(0.5, cfg.renew_deadline - cfg.retry_period) / 2
+        self._renewed: tuple[float, ...] | None = None  # deadline_clocks() at the last renewal
         self._observed: tuple[str, str] | None = None  # (holder, renewTime) last seen
         self._observed_at = 0.0
         self._stop = threading.Event()
@@ -99,7 +126,11 @@ class LeaderElector:
 
     # -- state -------------------------------------------------------------------------
     def valid(self) -> bool:
-        return self.clock() - self._renewed < self.cfg.renew_deadline
+        if self._renewed is None:
+            return False
+        elapsed = max(now - then for now, then in zip(self.deadline_clocks(), self._renewed,
+                                                       strict=True))
+        return elapsed < self.cfg.renew_deadline
 
     # -- acquiring ---------------------------------------------------------------------
     def acquire(self, stop: threading.Event | None = None) -> bool:
@@ -130,16 +161,16 @@ class LeaderElector:
     def _try(self) -> bool:
         """One attempt to acquire or renew; True if this process holds the Lease now."""
         ns, name = self.cfg.namespace, self.cfg.name
-        started = self.clock()
+        started = self.deadline_clocks()
         try:
-            lease = self.api.read_namespaced_lease(name, ns)
+            lease = self.api.read_namespaced_lease(name, ns, _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status != 404:
                 raise
             body = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=ns),
                                   spec=self._spec(transitions=0, acquired=_now()))
             try:
-                self.api.create_namespaced_lease(ns, body)
+                self.api.create_namespaced_lease(ns, body, _request_timeout=self.timeout)
             except ApiException as exc2:
                 if exc2.status == 409:  # another candidate created it first
                     return False
@@ -161,7 +192,8 @@ class LeaderElector:
             transitions=transitions if mine else transitions + 1,
             acquired=spec.acquire_time if mine and spec.acquire_time else _now())
         try:
-            self.api.replace_namespaced_lease(name, ns, lease)  # carries resourceVersion
+            self.api.replace_namespaced_lease(name, ns, lease,  # carries resourceVersion
+                                              _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status == 409:  # someone else wrote it since we read it
                 return False
@@ -204,14 +236,16 @@ class LeaderElector:
         if not self.valid():
             return
         try:
-            lease = self.api.read_namespaced_lease(self.cfg.name, self.cfg.namespace)
+            lease = self.api.read_namespaced_lease(self.cfg.name, self.cfg.namespace,
+                                                   _request_timeout=self.timeout)
             if lease.spec and lease.spec.holder_identity == self.identity:
                 lease.spec.holder_identity = None
                 lease.spec.renew_time = None
-                self.api.replace_namespaced_lease(self.cfg.name, self.cfg.namespace, lease)
+                self.api.replace_namespaced_lease(self.cfg.name, self.cfg.namespace, lease,
+                                                  _request_timeout=self.timeout)
                 log.info("released Lease %s/%s", self.cfg.namespace, self.cfg.name)
         except Exception as exc:  # it expires by itself
             log.warning("could not release the Lease (%s); it expires in %gs",
                         type(exc).__name__, self.cfg.lease_duration)
         metrics.LEADER.set(0)
-        self._renewed = -float("inf")
+        self._renewed = None

@@ -50,6 +50,7 @@ from ..engine import Engine, RotationResult
 from ..errors import (
     ConfigError,
     KubernetesUnavailable,
+    NotLeading,
     RotationCancelled,
     RotationOperatorError,
     RotationPaused,
@@ -57,7 +58,7 @@ from ..errors import (
 from ..inspection import Snapshot, rfc3339, snapshot
 from ..kek import Kek, SecretKek
 from ..lifecycle import MIN_DAYS, Lifecycle, Outcome
-from . import conditions, kube, metrics
+from . import conditions, kube, leader, metrics
 from .conditions import DEGRADED, KEK_WEAK, KEY_USAGE, READY, ROTATING, THROTTLED
 from .settings import OperatorSettings
 
@@ -205,8 +206,9 @@ class StatusWriter:
 
 
 class Control:
-    """Called by the engine between batches: stops the rotation when its policy is paused
-    or deleted (looked up at most every ``interval`` seconds)."""
+    """Called by the engine between batches: stops the rotation when this replica no
+    longer leads or is stopping (every call), or when its policy is paused or deleted
+    (looked up at most every ``interval`` seconds)."""
 
     def __init__(self, policy: Policy, interval: float = 2.0):
         self.policy = policy
@@ -216,6 +218,9 @@ class Control:
 
     def __call__(self) -> int | None:
         """Raise to stop; otherwise the ``spec.version`` asked for now (when looked up)."""
+        if not leader.may_act():
+            raise NotLeading("this replica no longer leads, or is stopping: rotation "
+                             "stopped between batches; the leader resumes it")
         if time.monotonic() - self._checked < self.interval:
             return None
         self._checked = time.monotonic()
@@ -639,6 +644,8 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
     Secret, the RBAC grant or the database was missing) needs everything reconcile
     needs: both Secrets readable, the KEK well-formed and matching the stored keys.
     """
+    if not leader.may_act():  # no sweep, retention step or schedule from an old leader
+        return True
     if policy.status.get("observedVersion") is None:
         # Never initialised (e.g. the KEK Secret is missing): there are no key tables to
         # count yet, and creating them is reconcile's job, after it has proved the KEK.
