@@ -226,12 +226,16 @@ def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
 
         def watcher() -> None:
             w = watch.Watch()
-            for ev in w.stream(api.list_namespaced_custom_object, "rotation-operator.io",
-                               "v1alpha1", "bench", "encryptionpolicies",
-                               field_selector="metadata.name=app", timeout_seconds=600):
-                seen.append((time.perf_counter(), ev["object"]))
-                if stop.is_set():
-                    w.stop()
+            try:
+                for ev in w.stream(api.list_namespaced_custom_object, "rotation-operator.io",
+                                   "v1alpha1", "bench", "encryptionpolicies",
+                                   field_selector="metadata.name=app", timeout_seconds=600):
+                    seen.append((time.perf_counter(), ev["object"]))
+                    if stop.is_set():
+                        w.stop()
+            except Exception:  # the plane stopping ends the stream: done
+                if not stop.is_set():
+                    raise
 
         th = threading.Thread(target=watcher, daemon=True)
         th.start()
