@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -699,6 +700,7 @@ def main() -> int:
             sections.run("operator latency", operator)
     finally:
         pg.stop()
+        shutil.rmtree(pg_dir, ignore_errors=True)
         report(results, args)
     return 0
 
