@@ -578,10 +578,19 @@ def find_pg_bin() -> Path:
     )
 
 
+def _runuser() -> str:
+    """util-linux's runuser, also when PATH lacks the sbin directories (a scrubbed CI
+    environment, a non-login shell)."""
+    found = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if found is None:
+        raise TestEnvError("runuser not found (util-linux): it starts PostgreSQL as postgres")
+    return found
+
+
 def _run(argv: Sequence[str], *, as_user: str | None = None, timeout: float = 120,
          check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command (optionally as another OS user) and raise with its output on failure."""
-    full = ["runuser", "-u", as_user, "--", *argv] if as_user else list(argv)
+    full = [_runuser(), "-u", as_user, "--", *argv] if as_user else list(argv)
     proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input,
                           check=False, stdin=None if input is not None else subprocess.DEVNULL)
     if check and proc.returncode != 0:
