@@ -7,6 +7,7 @@ module remembering to mark itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marker = _MARKERS_BY_DIR.get(top)
         if marker is not None:
             item.add_marker(marker)
+
+
+_MEASURED: list[str] = []
+
+
+@pytest.fixture
+def report_measure() -> Callable[[str], None]:
+    """A figure a test measured (a failover time, a recovery time): printed in pytest's
+    terminal summary, so it shows in every run's output, ``-q`` included."""
+    return _MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)

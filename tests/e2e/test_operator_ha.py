@@ -9,6 +9,7 @@ import re
 import signal
 import time
 import urllib.request
+from collections.abc import Callable
 
 import psycopg
 
@@ -48,7 +49,7 @@ def _holder(kubectl: Kubectl) -> str:
 
 def test_one_replica_acts_and_the_standby_takes_over_when_it_is_killed(
         namespace: str, dsn: str, kubectl: Kubectl, make_app: MakeApp,
-        start_operator: StartOperator) -> None:
+        start_operator: StartOperator, report_measure: Callable[[str], None]) -> None:
     """kill -9 of the leader in the middle of a rotation: the standby takes over, resumes
     it and finishes exactly one rotation."""
     app = make_app(namespace, dsn, rows=1500, legacy=100, batch_size=100, workers=1)
@@ -79,7 +80,8 @@ def test_one_replica_acts_and_the_standby_takes_over_when_it_is_killed(
                what="the standby to take over")
     failover = time.monotonic() - killed_at
     assert failover < 3 + 0.5 + 2.0, f"failover took {failover:.1f}s"  # lease + retry + slack
-    print(f"failover after kill -9: {failover:.2f}s (lease 3 s, retry 0.5 s)")
+    report_measure(f"HA: failover after kill -9 of the leader mid-rotation: {failover:.2f}s "
+                   "(lease 3 s, retry 0.5 s)")
     obj = app.wait_condition("Ready", "True", "RotationSucceeded", timeout=90)
     assert obj["status"]["observedVersion"] == 2
     assert obj["status"]["rotation"]["resumed"] is True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 
 from rotation_operator import crypto
 from tests.fixtures.fix_operator import KEK_SECRET, MakeApp, StartOperator
@@ -23,7 +24,8 @@ def _timed(fn: object) -> float:
 
 
 def test_a_wrong_kek_in_the_secret_shows_within_seconds_and_its_fix_heals(
-        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator) -> None:
+        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator,
+        report_measure: Callable[[str], None]) -> None:
     app = make_app(namespace, dsn, rows=50, legacy=5)
     start_operator([namespace], **SLOW)
     app.wait_condition("Ready", "True")
@@ -32,14 +34,18 @@ def test_a_wrong_kek_in_the_secret_shows_within_seconds_and_its_fix_heals(
     took = _timed(lambda: app.wait_condition("Ready", "False", "KEKMismatch", current=False,
                                              timeout=15))
     assert took < 8, took
+    report_measure(f"recovery: a wrong KEK put into the Secret shown as KEKMismatch in "
+                   f"{took:.1f}s")
     app.set_secret(KEK_SECRET, "kek", app.kek.hex())
     took = _timed(lambda: app.wait_condition("Ready", "True", current=False, timeout=15))
     assert took < 8, took
+    report_measure(f"recovery: the KEK Secret fixed, Ready again in {took:.1f}s")
     app.assert_intact()
 
 
 def test_a_kek_secret_created_late_heals_at_once(
-        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator) -> None:
+        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator,
+        report_measure: Callable[[str], None]) -> None:
     app = make_app(namespace, dsn, rows=30, legacy=5, kek_secret=False)
     start_operator([namespace], **SLOW)
     app.wait_condition("Ready", "False", "SecretMissing")
@@ -47,10 +53,12 @@ def test_a_kek_secret_created_late_heals_at_once(
     app.set_secret(KEK_SECRET, "kek", app.kek.hex())
     took = _timed(lambda: app.wait_condition("Ready", "True", timeout=20))
     assert took < 8, took
+    report_measure(f"recovery: a KEK Secret created late, Ready in {took:.1f}s")
 
 
 def test_a_corrected_spec_is_a_fresh_start(
-        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator) -> None:
+        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator,
+        report_measure: Callable[[str], None]) -> None:
     app = make_app(namespace, dsn, rows=30, legacy=5, policy=False)
     manifest = app.policy_manifest(version=1)
     manifest["spec"]["targets"] = [{"table": "secrets_typo"}]
@@ -61,11 +69,13 @@ def test_a_corrected_spec_is_a_fresh_start(
     took = _timed(lambda: (app.patch_spec({"targets": [{"table": "secrets"}]}),
                            app.wait_condition("Ready", "True", timeout=20)))
     assert took < 6, took
+    report_measure(f"recovery: a corrected spec, Ready in {took:.1f}s")
     app.assert_intact()
 
 
 def test_a_repaired_row_resumes_the_rotation_within_seconds(
-        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator) -> None:
+        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator,
+        report_measure: Callable[[str], None]) -> None:
     app = make_app(namespace, dsn, rows=300, legacy=30, batch_size=100)
     op = start_operator([namespace], **SLOW)
     app.wait_condition("Ready", "True")
@@ -82,6 +92,7 @@ def test_a_repaired_row_resumes_the_rotation_within_seconds(
     took = _timed(lambda: app.wait_condition("Ready", "True", "RotationSucceeded",
                                              timeout=30))
     assert took < 10, took
+    report_measure(f"recovery: a repaired row, the rotation finished in {took:.1f}s")
     assert app.active_version() == 2 and app.stale_count() == 0
     app.assert_intact()
     # plain logs: "[2026-12-02 10:11:12,345] logger [LEVEL   ] [ns/app] message"
