@@ -243,7 +243,9 @@ def watch_inputs(body: kopf.Body, **_: Any) -> None:
         return
     if changed:
         with boundary(policy, events):
-            workflow.refresh(policy, events, operator_settings.current, recheck=True)
+            done = workflow.refresh(policy, events, operator_settings.current, recheck=True)
+        if not done and before is not None:  # the policy was busy: look again next tick
+            _secrets_seen[key] = before
 
 
 def _secret_versions(policy: workflow.Policy) -> dict[str, str]:
