@@ -652,15 +652,20 @@ class Postgres:
             self._init()
         self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log))
 
-    def _init(self) -> None:
-        if self.port == 0:
-            self.port = free_port()
+    def _make_dirs(self) -> None:
+        """The state and socket directories, owned by the server's OS user."""
         self.base.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(exist_ok=True)
         if self.os_user:
             pw = pwd.getpwnam(self.os_user)
             for p in (self.base, self.socket_dir):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
+
+    def _init(self) -> None:
+        if self.port == 0:
+            self.port = free_port()
+        self._make_dirs()
+        if self.os_user:
             probe = _run(["test", "-w", str(self.base)], as_user=self.os_user, check=False)
             if probe.returncode != 0:
                 raise TestEnvError(
@@ -720,12 +725,7 @@ class Postgres:
         primary's default ``wal_level=replica`` and the ``host replication`` trust line
         initdb writes suffice), then its own port and socket, started and caught up."""
         standby = Postgres(state_dir, fast=self.fast, pg_bin=self.pg_bin, port=free_port())
-        standby.base.mkdir(parents=True, exist_ok=True)
-        standby.socket_dir.mkdir(exist_ok=True)
-        if standby.os_user:
-            pw = pwd.getpwnam(standby.os_user)
-            for p in (standby.base, standby.socket_dir):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
+        standby._make_dirs()
         _run([self._tool("pg_basebackup"), "-D", str(standby.data_dir), "-h", "127.0.0.1",
               "-p", str(self.port), "-U", "postgres", "-R", "-X", "stream",
               "--checkpoint=fast", "--no-sync"], as_user=self.os_user, timeout=300)
