@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT / "hack" / "testenv"))
 import psycopg  # noqa: E402
 
 from rotation_operator import crypto  # noqa: E402
-from rotation_operator.config import RotationOptions, StoreConfig, Target  # noqa: E402
-from rotation_operator.keystore import KeyStore  # noqa: E402
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target  # noqa: E402
+from rotation_operator.store.keystore import KeyStore  # noqa: E402
 
 KEK = bytes(range(32))
 CFG = StoreConfig([Target("secrets")])
@@ -82,7 +82,7 @@ def load(dsn: str, rows: int, size: int) -> None:
                 for i in range(n):
                     cp.write_row((start + i, crypto.encrypt(KEK, blob[i * size:(i + 1) * size])))
         c.execute("VACUUM (ANALYZE) secrets")
-    from rotation_operator.engine import Engine
+    from rotation_operator.rotation.engine import Engine
 
     Engine(dsn, CFG, KEK, actor="bench").initialise()  # key v1; rows stay legacy
 
@@ -125,7 +125,7 @@ def _vm_hwm_mb() -> float:
 
 def _rotate_main(mode: str, workers: int, batch: int, grace: float, max_lag: float | None,
                  max_rate: int = 0) -> None:
-    from rotation_operator.engine import Engine
+    from rotation_operator.rotation.engine import Engine
 
     engine = Engine(os.environ["BENCH_DSN"], CFG, KEK, actor="bench")
     engine.initialise()
@@ -467,7 +467,7 @@ def floor_parallel(dsn: str, backends: int) -> float:
 
 
 def status_cost(dsn: str) -> dict[str, float]:
-    from rotation_operator import inspection
+    from rotation_operator.rotation import inspection
 
     t = time.perf_counter()
     inspection.snapshot(dsn, CFG)
@@ -480,9 +480,9 @@ def status_cost(dsn: str) -> dict[str, float]:
 
 def rekey_1000(dsn: str) -> float:
     """Seconds to rewrap 1000 DEKs under a new KEK (one transaction)."""
-    from rotation_operator.decisions import Request
-    from rotation_operator.engine import Engine
-    from rotation_operator.kek import as_kek
+    from rotation_operator.crypto.kek import as_kek
+    from rotation_operator.policy.decisions import Request
+    from rotation_operator.rotation.engine import Engine
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS secrets, encryption_keys, encryption_keys_audit, "
@@ -547,7 +547,7 @@ def _pkcs11_main(n: int) -> None:
         # a process loads a PKCS#11 module once: the key is made in another one
         subprocess.run([sys.executable, __file__, "_pkcs11_keygen", module],
                        input=pin, text=True, check=True, capture_output=True)
-        from rotation_operator.pkcs11kek import Pkcs11Kek
+        from rotation_operator.crypto.pkcs11 import Pkcs11Kek
 
         kek = Pkcs11Kek(module, "bench", "kek", pin)
         deks = [os.urandom(32) for _ in range(n)]

@@ -13,7 +13,7 @@ import sys
 
 import psycopg
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.library import Encryptor
 
 

@@ -28,12 +28,12 @@ from typing import Any
 from prometheus_client import Counter
 from psycopg import sql
 
-from .config import KEYS_TABLE, StoreConfig, Target, identifier
-from .database import Conn, connect, db_errors
-from .errors import DatabaseUnavailable, InvalidToken, UnknownKeyError
-from .kek import Kek, as_kek
-from .keyring import KeyRing
-from .keystore import KeyStore
+from rotation_operator.crypto.kek import Kek, as_kek
+from rotation_operator.crypto.keyring import KeyRing
+from rotation_operator.errors import DatabaseUnavailable, InvalidToken, UnknownKeyError
+from rotation_operator.policy.config import KEYS_TABLE, StoreConfig, Target, identifier
+from rotation_operator.store.database import Conn, connect, db_errors
+from rotation_operator.store.keystore import KeyStore
 
 DECRYPT_FAILURES = Counter("rotation_operator_library_decrypt_failures_total",
                            "Values this application could not decrypt", ("keys_table",))

@@ -25,11 +25,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from rotation_operator import audit, crypto
-from rotation_operator.config import RotationOptions, StoreConfig, Target
-from rotation_operator.engine import Engine
-from rotation_operator.keyring import KeyRing
-from rotation_operator.keystore import KeyStore
+from rotation_operator.crypto import codec as crypto
+from rotation_operator.crypto.keyring import KeyRing
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.rotation.engine import Engine
+from rotation_operator.store import audit
+from rotation_operator.store.keystore import KeyStore
 from tests.fixtures.roles import APP_ROLE, OPERATOR_ROLE, admin_dsn, app_dsn, grant_target
 
 Plaintexts = dict[Any, bytes]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from rotation_operator import crypto
-from rotation_operator.config import Target
+from rotation_operator.crypto import codec as crypto
+from rotation_operator.policy.config import Target
 from tests.db.apptable import create_table, fill, make_app, run_cli
 from tests.fixtures.roles import app_dsn
 

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from rotation_operator import inspection
-from rotation_operator.lifecycle import Lifecycle
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.lifecycle import Lifecycle
 from tests.db.apptable import ONLINE, keys, make_app
 from tests.fixtures.roles import admin_dsn, app_dsn
 

@@ -12,11 +12,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from rotation_operator import inspection
-from rotation_operator.config import RotationOptions, StoreConfig, Target
-from rotation_operator.engine import Engine, RotationResult
 from rotation_operator.errors import LockHeld
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.engine import Engine, RotationResult
 from tests.db.apptable import (
     ATOMIC,
     ONLINE,

@@ -10,15 +10,16 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from rotation_operator import crypto, inspection
-from rotation_operator.config import RotationOptions, StoreConfig, Target
-from rotation_operator.engine import Engine
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import (
     DatabaseUnavailable,
     KekMismatchError,
     RowDecryptError,
 )
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.engine import Engine
 from tests.db.apptable import (
     ATOMIC,
     ONLINE,

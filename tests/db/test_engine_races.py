@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from rotation_operator.config import RotationOptions
-from rotation_operator.keyring import KeyRing
+from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import RotationOptions
 from tests.db.apptable import App, make_app, plaintext_for, read_rows
 from tests.fixtures.roles import app_dsn
 

@@ -7,10 +7,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from rotation_operator import crypto, inspection
-from rotation_operator.config import RotationOptions, StoreConfig, Target
-from rotation_operator.engine import Engine
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.engine import Engine
 from tests.db.apptable import (
     ATOMIC,
     ONLINE,

@@ -11,9 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from rotation_operator import audit, crypto, inspection
-from rotation_operator.config import StoreConfig, Target
-from rotation_operator.engine import Engine
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import (
     AuditChainError,
     ConfigError,
@@ -22,8 +20,12 @@ from rotation_operator.errors import (
     RotationOperatorError,
     RowDecryptError,
 )
-from rotation_operator.keystore import KeyStore
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import StoreConfig, Target
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.engine import Engine
+from rotation_operator.store import audit
+from rotation_operator.store.keystore import KeyStore
 from tests.db.apptable import (
     ATOMIC,
     ONLINE,

@@ -17,9 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from rotation_operator import crypto, inspection
-from rotation_operator.config import RotationOptions, StoreConfig, Target
-from rotation_operator.engine import Engine
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import (
     DatabaseRejected,
     KeysTableShared,
@@ -33,6 +31,9 @@ from rotation_operator.errors import (
     TriggerInterference,
 )
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.engine import Engine
 from tests.db.apptable import (
     ATOMIC,
     DSN_ENV,
@@ -245,7 +246,7 @@ def test_atomic_with_a_writer_blocked_by_its_lock(dsn: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Atomic mints and announces the key before it locks: a writer blocked by the lock has
     already seen the new key, so its row is under the active key when it gets through."""
-    from rotation_operator import mover
+    from rotation_operator.rotation import mover
 
     app = make_app(dsn, 400, atomic=True)
     parked, go = Gate(), Gate()
@@ -624,7 +625,7 @@ def test_a_rotator_that_lost_its_lock_does_not_sweep_over_the_one_that_took_over
         dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A finishes, stalls (a GC pause), loses its lock session; B rotates to v3; then A
     wakes for its post-finish sweep: it must not claim anything."""
-    from rotation_operator import engine as engine_mod
+    from rotation_operator.rotation import engine as engine_mod
 
     app = make_app(dsn, 500)
     original = engine_mod._Run._after

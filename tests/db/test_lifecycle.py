@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from rotation_operator import inspection
-from rotation_operator.decisions import Request, Retention
 from rotation_operator.errors import KeyInUse, KeyStateError, UnknownKeyError
-from rotation_operator.keystore import KeyStore
 from rotation_operator.library import Encryptor
-from rotation_operator.lifecycle import Lifecycle
+from rotation_operator.policy.decisions import Request, Retention
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.lifecycle import Lifecycle
+from rotation_operator.store.keystore import KeyStore
 from tests.db.apptable import (
     ONLINE,
     App,
@@ -285,7 +285,7 @@ def test_a_key_disabled_by_hand_is_destroyed_by_no_timer(dsn: str) -> None:
 
 
 def test_the_cli_must_name_every_target_the_keys_table_covers(dsn: str) -> None:
-    from rotation_operator.config import Target
+    from rotation_operator.policy.config import Target
 
     app = make_app(dsn, 40, targets=(Target("secrets"), Target("tokens")))
     app.engine().rotate(2, ONLINE)
@@ -386,7 +386,7 @@ def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch
         dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted scheduled rotation; spec.version is bumped meanwhile; the reconcile that
     resumes it serves the bump with it: one rotation, not two."""
-    from rotation_operator.kek import as_kek
+    from rotation_operator.crypto.kek import as_kek
     from rotation_operator.operator import kube, workflow
     from rotation_operator.operator.settings import OperatorSettings
 

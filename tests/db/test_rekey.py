@@ -10,15 +10,16 @@ import time
 import psycopg
 import pytest
 
-from rotation_operator import crypto, inspection
-from rotation_operator.config import StoreConfig, Target
-from rotation_operator.decisions import Request
-from rotation_operator.engine import Engine
+from rotation_operator.crypto import codec as crypto
+from rotation_operator.crypto.kek import SecretKek
+from rotation_operator.crypto.pkcs11 import Pkcs11Kek
 from rotation_operator.errors import InvalidToken, KekMismatchError, LegacyNeedsRawKek
-from rotation_operator.kek import SecretKek
-from rotation_operator.keystore import KeyStore
 from rotation_operator.library import Encryptor
-from rotation_operator.pkcs11kek import Pkcs11Kek
+from rotation_operator.policy.config import StoreConfig, Target
+from rotation_operator.policy.decisions import Request
+from rotation_operator.rotation import inspection
+from rotation_operator.rotation.engine import Engine
+from rotation_operator.store.keystore import KeyStore
 from tests.db.apptable import (
     ONLINE,
     App,

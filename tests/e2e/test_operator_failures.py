@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
 from tests.fixtures._env import REPO_ROOT, testenv
 from tests.fixtures.fix_cluster import Kubectl
 from tests.fixtures.fix_operator import (

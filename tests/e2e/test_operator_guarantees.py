@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.library import Encryptor
 from tests.fixtures import roles
 from tests.fixtures.fix_cluster import Kubectl

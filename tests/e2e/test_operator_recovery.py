@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
 from tests.fixtures.fix_operator import KEK_SECRET, MakeApp, StartOperator
 
 SLOW = {"max_retry_delay": 600.0, "extra_args": ("--recheck-interval", "1")}

@@ -11,11 +11,11 @@ from typing import Any
 
 import psycopg
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
+from rotation_operator.crypto.pkcs11 import Pkcs11Kek
 from rotation_operator.errors import InvalidToken
-from rotation_operator.keystore import KeyStore
 from rotation_operator.library import Encryptor
-from rotation_operator.pkcs11kek import Pkcs11Kek
+from rotation_operator.store.keystore import KeyStore
 from tests.fixtures import roles
 from tests.fixtures.fix_hsm import SoftHSM
 from tests.fixtures.fix_operator import KEK_SECRET, App, MakeApp, OperatorProcess, StartOperator

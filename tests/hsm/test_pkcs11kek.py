@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from rotation_operator import crypto
-from rotation_operator.errors import InvalidToken, KekError
-from rotation_operator.pkcs11kek import (
+from rotation_operator.crypto import codec as crypto
+from rotation_operator.crypto.pkcs11 import (
     HSMError,
     HSMKeyMissing,
     HSMKeyUnsuitable,
@@ -28,6 +27,7 @@ from rotation_operator.pkcs11kek import (
     Pkcs11Kek,
     cmac_fingerprint,
 )
+from rotation_operator.errors import InvalidToken, KekError
 from tests.fixtures.fix_hsm import SoftHSM
 
 VECTORS: dict[str, Any] = json.loads(

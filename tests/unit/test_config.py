@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from rotation_operator.config import (
+from rotation_operator.errors import ConfigError
+from rotation_operator.policy.config import (
     MAX_BATCH,
     MIN_BATCH,
     RotationOptions,
@@ -14,7 +15,6 @@ from rotation_operator.config import (
     Target,
     targets_from_spec,
 )
-from rotation_operator.errors import ConfigError
 
 HOSTILE = [
     "x; DROP TABLE y",

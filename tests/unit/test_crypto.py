@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import InvalidToken, KekFormatError
 
 keys = st.binary(min_size=32, max_size=32)

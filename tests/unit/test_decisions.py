@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from rotation_operator.decisions import (
+from rotation_operator.policy.decisions import (
     Action,
     Request,
     Running,
@@ -154,7 +154,7 @@ def test_usage_bound_warns_and_rotates_only_when_allowed() -> None:
 
 
 def test_a_bump_adopts_a_running_scheduled_or_manual_rotation() -> None:
-    from rotation_operator.decisions import adopts
+    from rotation_operator.policy.decisions import adopts
 
     assert adopts(running(None, kind="scheduled"), 5, 4)
     assert adopts(running(None, kind="manual"), 5, 4)
@@ -165,7 +165,7 @@ def test_a_bump_adopts_a_running_scheduled_or_manual_rotation() -> None:
 def test_the_retention_plan_is_the_dry_run() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from rotation_operator.decisions import KeyView, Retention, retention_plan
+    from rotation_operator.policy.decisions import KeyView, Retention, retention_plan
 
     t = datetime(2026, 6, 1, tzinfo=UTC)
     ret = Retention(timedelta(days=30), timedelta(days=7))
@@ -185,8 +185,8 @@ def test_the_retention_plan_is_the_dry_run() -> None:
 def test_durations_beyond_a_century_are_a_clear_config_error() -> None:
     import pytest
 
-    from rotation_operator.config import RotationOptions, key_age, parse_duration
     from rotation_operator.errors import ConfigError
+    from rotation_operator.policy.config import RotationOptions, key_age, parse_duration
 
     assert parse_duration("36500d", "x").days == 36500
     for text in ("36501d", "9999999999d", "4000000d"):
@@ -204,7 +204,7 @@ def test_durations_beyond_a_century_are_a_clear_config_error() -> None:
 def test_without_retention_nothing_is_ever_planned_even_for_a_disabled_key() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from rotation_operator.decisions import KeyView, Retention, retention_plan
+    from rotation_operator.policy.decisions import KeyView, Retention, retention_plan
 
     t = datetime(2026, 1, 1, tzinfo=UTC)
     disabled = KeyView(1, "disabled", 0, t, t, t + timedelta(days=7))

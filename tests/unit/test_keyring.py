@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
+from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.errors import InvalidToken, UnknownKeyError
-from rotation_operator.keyring import KeyRing
 
 KEK = os.urandom(32)
 DEKS = {1: os.urandom(32), 2: os.urandom(32), 5: os.urandom(32)}

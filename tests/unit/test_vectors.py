@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from rotation_operator import crypto
+from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import InvalidToken, KekFormatError
 
 VECTORS: dict[str, Any] = json.loads(

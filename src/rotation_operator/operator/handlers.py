@@ -17,17 +17,17 @@ import psycopg
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from ..database import translate
-from ..errors import (
+from rotation_operator.errors import (
     InternalError,
     KubernetesUnavailable,
     NotLeading,
     RotationOperatorError,
     RowDecryptError,
 )
-from . import kube, leader, logs, metrics, workflow
-from . import settings as operator_settings
-from .kube import GROUP, PLURAL, VERSION
+from rotation_operator.operator import kube, leader, logs, metrics, workflow
+from rotation_operator.operator import settings as operator_settings
+from rotation_operator.operator.kube import GROUP, PLURAL, VERSION
+from rotation_operator.store.database import translate
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 WATCH_TIMER = "watch-inputs"
@@ -61,7 +61,7 @@ def _policy(body: kopf.Body) -> workflow.Policy:
 
 def as_error(exc: Exception) -> RotationOperatorError:
     """Every exception as the package's error, with a sanitized message: psycopg's through
-    :func:`~rotation_operator.database.translate` (no DETAIL line, no row values), the
+    :func:`~rotation_operator.store.database.translate` (no DETAIL line, no row values), the
     Kubernetes client's as unavailable, anything else as an internal error named by type."""
     if isinstance(exc, RotationOperatorError):
         return exc

@@ -20,14 +20,14 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ..errors import (
+from rotation_operator.errors import (
     AccessDenied,
     KubernetesUnavailable,
     NotLeading,
     RotationOperatorError,
     SecretError,
 )
-from . import leader, metrics
+from rotation_operator.operator import leader, metrics
 
 GROUP, VERSION, PLURAL = "rotation-operator.io", "v1alpha1", "encryptionpolicies"
 #: (connect, read) seconds for every call.

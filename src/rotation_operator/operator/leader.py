@@ -52,7 +52,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from . import metrics
+from rotation_operator.operator import metrics
 
 log = logging.getLogger(__name__)
 

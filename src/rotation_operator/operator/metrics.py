@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from .. import __version__
+from rotation_operator import __version__
 
 LABELS = ("namespace", "policy")
 
@@ -84,7 +84,7 @@ def _initialise(labels: tuple[str, str]) -> None:
 
 
 def observe_counts(namespace: str, name: str, snap: Any) -> None:
-    """Gauges from an :class:`~rotation_operator.inspection.Snapshot`."""
+    """Gauges from an :class:`~rotation_operator.rotation.inspection.Snapshot`."""
     labels = (namespace, name)
     _initialise(labels)
     if snap.active_version is not None:

@@ -16,8 +16,8 @@ import kopf
 import kubernetes
 from prometheus_client import start_http_server
 
-from . import leader, logs, metrics
-from . import settings as operator_settings
+from rotation_operator.operator import leader, logs, metrics
+from rotation_operator.operator import settings as operator_settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_operator(args: argparse.Namespace) -> int:
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     _load_kube_config()
-    from . import handlers  # noqa: F401 - registers the handlers with settings applied
+    from rotation_operator.operator import handlers  # noqa: F401 - registers the handlers with settings applied
 
     if settings.metrics_port:
         start_http_server(settings.metrics_port)

@@ -2,7 +2,7 @@
 
 The handlers call :func:`reconcile` (create, resume, spec change) and :func:`refresh`
 (timer).  A reconcile is one pass: prepare the database once, decide once
-(:func:`~rotation_operator.decisions.decide`), act, report.  Everything the user sees is
+(:func:`~rotation_operator.policy.decisions.decide`), act, report.  Everything the user sees is
 written here: status fields, conditions, Events (through the ``Reporter`` the handler
 passes in, so this module stays free of Kopf).  Errors are raised as
 :class:`~rotation_operator.errors.RotationOperatorError`; the handler boundary turns them
@@ -25,8 +25,27 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from .. import crypto
-from ..config import (
+from rotation_operator.crypto import codec
+from rotation_operator.crypto.kek import Kek, SecretKek
+from rotation_operator.errors import (
+    ConfigError,
+    KubernetesUnavailable,
+    NotLeading,
+    RotationCancelled,
+    RotationOperatorError,
+    RotationPaused,
+)
+from rotation_operator.operator import conditions, kube, leader, metrics
+from rotation_operator.operator.conditions import (
+    DEGRADED,
+    KEK_WEAK,
+    KEY_USAGE,
+    READY,
+    ROTATING,
+    THROTTLED,
+)
+from rotation_operator.operator.settings import OperatorSettings
+from rotation_operator.policy.config import (
     MAX_DURATION,
     RotationOptions,
     StoreConfig,
@@ -34,7 +53,7 @@ from ..config import (
     key_age,
     parse_duration,
 )
-from ..decisions import (
+from rotation_operator.policy.decisions import (
     Action,
     Decision,
     Request,
@@ -46,21 +65,9 @@ from ..decisions import (
     usage_high,
     wants_rotation,
 )
-from ..engine import Engine, RotationResult
-from ..errors import (
-    ConfigError,
-    KubernetesUnavailable,
-    NotLeading,
-    RotationCancelled,
-    RotationOperatorError,
-    RotationPaused,
-)
-from ..inspection import Snapshot, rfc3339, snapshot
-from ..kek import Kek, SecretKek
-from ..lifecycle import MIN_DAYS, Lifecycle, Outcome
-from . import conditions, kube, leader, metrics
-from .conditions import DEGRADED, KEK_WEAK, KEY_USAGE, READY, ROTATING, THROTTLED
-from .settings import OperatorSettings
+from rotation_operator.rotation.engine import Engine, RotationResult
+from rotation_operator.rotation.inspection import Snapshot, rfc3339, snapshot
+from rotation_operator.rotation.lifecycle import MIN_DAYS, Lifecycle, Outcome
 
 log = logging.getLogger(__name__)
 _busy: dict[tuple[str, str], threading.Lock] = {}
@@ -279,9 +286,9 @@ def _kek(policy: Policy, source: Mapping[str, Any], where: str, weak: list[str])
         key = ref.get("key", "kek")
         raw = kube.read_secret(ns, ref["name"], key, "KEK")
         described = f"Secret {ns}/{ref['name']} key {key}"
-        if crypto.kek_looks_like_text(raw):
+        if codec.kek_looks_like_text(raw):
             weak.append(described)
-        return SecretKek(crypto.parse_kek(raw, described), described)
+        return SecretKek(codec.parse_kek(raw, described), described)
     hsm = source.get("pkcs11") or {}
     pin_ref = hsm.get("pinSecretRef") or {}
     if not (hsm.get("module") and hsm.get("tokenLabel") and hsm.get("keyLabel")
@@ -289,7 +296,9 @@ def _kek(policy: Policy, source: Mapping[str, Any], where: str, weak: list[str])
         raise ConfigError(f"{where} needs secretRef.name, or pkcs11 with module, tokenLabel, "
                           "keyLabel and pinSecretRef.name")
     pin = kube.read_secret(ns, pin_ref["name"], pin_ref.get("key", "pin"), "HSM PIN")
-    from ..pkcs11kek import Pkcs11Kek  # the PKCS#11 binding only where it is used
+    from rotation_operator.crypto.pkcs11 import (
+        Pkcs11Kek,  # the PKCS#11 binding only where it is used
+    )
     return Pkcs11Kek(hsm["module"], hsm["tokenLabel"], hsm["keyLabel"], pin.strip())
 
 
@@ -308,7 +317,7 @@ def row_version(policy: Policy, table: str, row_id: object) -> str:
     row a rotation stopped on was repaired; read as the operator's role, needs no KEK."""
     from psycopg import sql
 
-    from ..database import connect, db_errors
+    from rotation_operator.store.database import connect, db_errors
 
     target = next((t for t in policy.store_config().targets
                    if t.name == table or t.table == table), None)

@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import RotationOptions
-from .database import Conn
-from .errors import DatabaseForbidden
+from rotation_operator.errors import DatabaseForbidden
+from rotation_operator.policy.config import RotationOptions
+from rotation_operator.store.database import Conn
 
 log = logging.getLogger(__name__)
 #: Called when throttling starts, changes or stops: (reason or None, message, lag seconds).

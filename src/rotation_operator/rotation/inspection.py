@@ -15,13 +15,13 @@ from typing import Any
 
 from psycopg import sql
 
-from . import audit
-from .config import StoreConfig
-from .database import Conn, connect, db_errors
-from .errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
-from .kek import Kek
-from .keystore import KeyRecord, KeyStore, RotationRecord
-from .tables import Layout, inspect
+from rotation_operator.crypto.kek import Kek
+from rotation_operator.errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
+from rotation_operator.policy.config import StoreConfig
+from rotation_operator.store import audit
+from rotation_operator.store.catalog import Layout, inspect
+from rotation_operator.store.database import Conn, connect, db_errors
+from rotation_operator.store.keystore import KeyRecord, KeyStore, RotationRecord
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,14 @@ from typing import Any, Literal
 
 from psycopg import sql
 
-from .config import KEY_INT_TYPES, Target
-from .database import Conn
-from .errors import (
+from rotation_operator.errors import (
     DatabaseForbidden,
     RowSecurityError,
     SchemaError,
     TargetUnsupported,
 )
+from rotation_operator.policy.config import KEY_INT_TYPES, Target
+from rotation_operator.store.database import Conn
 
 Kind = Literal["table", "partitioned", "inherited"]
 _RELKIND = {"v": "a view", "m": "a materialized view", "f": "a foreign table",

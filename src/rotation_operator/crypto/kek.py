@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from . import crypto
+from rotation_operator.crypto import codec
 
 
 @runtime_checkable
@@ -58,11 +58,11 @@ class SecretKek:
     __slots__ = ("_fingerprint", "_key", "_source")
 
     def __init__(self, key: bytes, source: str = "a KEK") -> None:
-        if len(key) != crypto.KEY_SIZE:
-            raise ValueError(f"a KEK is {crypto.KEY_SIZE} bytes")
+        if len(key) != codec.KEY_SIZE:
+            raise ValueError(f"a KEK is {codec.KEY_SIZE} bytes")
         self._key = bytes(key)
         self._source = source
-        self._fingerprint = crypto.kek_fingerprint(self._key)
+        self._fingerprint = codec.kek_fingerprint(self._key)
 
     @property
     def fingerprint(self) -> str:
@@ -76,10 +76,10 @@ class SecretKek:
         return self._source
 
     def wrap(self, dek: bytes, version: int) -> bytes:
-        return crypto.wrap_dek(self._key, dek, version)
+        return codec.wrap_dek(self._key, dek, version)
 
     def unwrap(self, wrapped: bytes, version: int) -> bytes:
-        return crypto.unwrap_dek(self._key, wrapped, version)
+        return codec.unwrap_dek(self._key, wrapped, version)
 
     def raw(self) -> bytes:
         return self._key

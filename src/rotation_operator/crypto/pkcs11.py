@@ -5,7 +5,7 @@ anyone who can read either can unwrap every DEK.  :class:`Pkcs11Kek` keeps the K
 AES-256 key) inside a PKCS#11 token instead: the token itself performs the AES-256-GCM that
 wraps and unwraps DEKs, and the operator only ever holds a handle to the key.
 
-The bytes produced are *exactly* those of :func:`rotation_operator.crypto.wrap_dek`
+The bytes produced are *exactly* those of :func:`rotation_operator.crypto.codec.wrap_dek`
 (``docs/format.md`` §1-2), so a keys table written with a software KEK can be read through
 the HSM after importing the same key bytes into it, and the other way round.
 
@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
-from . import crypto
-from .errors import InvalidToken, KekError
+from rotation_operator.crypto import codec
+from rotation_operator.errors import InvalidToken, KekError
 
 if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as Library
@@ -61,9 +61,9 @@ __all__ = [
 FINGERPRINT_LABEL = b"rotation-operator/kek-fingerprint/cmac/v1"
 _FINGERPRINT_PREFIX = "cmac:"
 _FINGERPRINT_HEX_CHARS = 16
-_TAG_BITS = crypto.TAG_SIZE * 8
-_WRAPPED_SIZE = crypto.OVERHEAD + crypto.KEY_SIZE
-_BODY_START = len(crypto.HEADER) + crypto.NONCE_SIZE
+_TAG_BITS = codec.TAG_SIZE * 8
+_WRAPPED_SIZE = codec.OVERHEAD + codec.KEY_SIZE
+_BODY_START = len(codec.HEADER) + codec.NONCE_SIZE
 _REQUIRED_MECHANISMS = (Mechanism.AES_GCM, Mechanism.AES_CMAC)
 _REQUIRED_USAGE = (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN)
 
@@ -148,8 +148,8 @@ def cmac_fingerprint(kek: bytes) -> str:
     """
     if not isinstance(kek, bytes | bytearray):
         raise TypeError("kek must be bytes")
-    if len(kek) != crypto.KEY_SIZE:
-        raise ValueError(f"kek must be {crypto.KEY_SIZE} bytes, got {len(kek)}")
+    if len(kek) != codec.KEY_SIZE:
+        raise ValueError(f"kek must be {codec.KEY_SIZE} bytes, got {len(kek)}")
     mac = cmac.CMAC(algorithms.AES(bytes(kek)))
     mac.update(FINGERPRINT_LABEL)
     return _format_fingerprint(mac.finalize())
@@ -316,7 +316,7 @@ def _check_key(key: _AesKey, context: str) -> None:
     if key[Attribute.KEY_TYPE] != KeyType.AES:
         raise HSMKeyUnsuitable(f"{context}: the key is not an AES key")
     length = key[Attribute.VALUE_LEN]
-    if length != crypto.KEY_SIZE:
+    if length != codec.KEY_SIZE:
         raise HSMKeyUnsuitable(
             f"{context}: the key is {length * 8}-bit AES; a KEK must be AES-256")
     missing = [attr.name for attr in _REQUIRED_USAGE if not key[attr]]
@@ -421,39 +421,39 @@ class Pkcs11Kek:
     # --- DEK wrapping ---------------------------------------------------------------
 
     def wrap(self, dek: bytes, version: int) -> bytes:
-        """Wrap ``dek`` for key ``version`` in the token; same bytes as ``crypto.wrap_dek``."""
+        """Wrap ``dek`` for key ``version`` in the token; same bytes as ``codec.wrap_dek``."""
         if not isinstance(dek, bytes | bytearray):
             raise TypeError("dek must be bytes")
-        if len(dek) != crypto.KEY_SIZE:
-            raise ValueError(f"dek must be {crypto.KEY_SIZE} bytes, got {len(dek)}")
-        aad = crypto.HEADER + crypto.dek_aad(version)
+        if len(dek) != codec.KEY_SIZE:
+            raise ValueError(f"dek must be {codec.KEY_SIZE} bytes, got {len(dek)}")
+        aad = codec.HEADER + codec.dek_aad(version)
         # Writable: some tokens (AWS CloudHSM) ignore the caller's IV and write the one they
         # generated into pIv, so what is in the buffer afterwards is the IV actually used.
-        nonce = bytearray(os.urandom(crypto.NONCE_SIZE))
+        nonce = bytearray(os.urandom(codec.NONCE_SIZE))
         with self._operation():
             sealed = _as_bytes(self._key.encrypt(
                 bytes(dek), mechanism=Mechanism.AES_GCM, mechanism_param=_gcm(nonce, aad)))
-        if len(sealed) != crypto.KEY_SIZE + crypto.TAG_SIZE:
+        if len(sealed) != codec.KEY_SIZE + codec.TAG_SIZE:
             raise HSMError(f"{self._context()}: the token returned a GCM result of "
-                           f"{len(sealed)} bytes, expected {crypto.KEY_SIZE + crypto.TAG_SIZE}")
-        return crypto.HEADER + bytes(nonce) + sealed
+                           f"{len(sealed)} bytes, expected {codec.KEY_SIZE + codec.TAG_SIZE}")
+        return codec.HEADER + bytes(nonce) + sealed
 
     def unwrap(self, wrapped: bytes, version: int) -> bytes:
         """Unwrap the DEK of ``version``; :class:`InvalidToken` if it does not authenticate.
 
-        As ``crypto.unwrap_dek``: wrong KEK, wrong version, tampering and wrong length all
+        As ``codec.unwrap_dek``: wrong KEK, wrong version, tampering and wrong length all
         raise the same opaque error.  A token that cannot be reached raises :class:`HSMError`.
         """
         self._check_open()
-        aad = crypto.HEADER + crypto.dek_aad(version)
+        aad = codec.HEADER + codec.dek_aad(version)
         dek = self._gcm_open(_wrapped_bytes(wrapped), aad)
-        if dek is None or len(dek) != crypto.KEY_SIZE:
+        if dek is None or len(dek) != codec.KEY_SIZE:
             raise InvalidToken()  # raised outside any except: no PKCS#11 cause attached
         return dek
 
     def _gcm_open(self, data: bytes, aad: bytes) -> bytes | None:
         """The token's AES-GCM open of a format-v1 value, ``None`` if it does not verify."""
-        nonce = data[len(crypto.HEADER):_BODY_START]
+        nonce = data[len(codec.HEADER):_BODY_START]
         with self._operation():
             try:
                 return _as_bytes(self._key.decrypt(
@@ -497,7 +497,7 @@ def _wrapped_bytes(wrapped: object) -> bytes:
     if not isinstance(wrapped, bytes | bytearray | memoryview):
         raise InvalidToken()
     data = bytes(wrapped)
-    if len(data) != _WRAPPED_SIZE or data[: len(crypto.HEADER)] != crypto.HEADER:
+    if len(data) != _WRAPPED_SIZE or data[: len(codec.HEADER)] != codec.HEADER:
         raise InvalidToken()
     return data
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from .errors import ConfigError
+from rotation_operator.errors import ConfigError
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 #: The keys table name is shorter so derived names (``<keys>_audit``…) still fit 63 bytes.

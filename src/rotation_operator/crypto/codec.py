@@ -27,7 +27,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import InvalidToken, KekFormatError
+from rotation_operator.errors import InvalidToken, KekFormatError
 
 MAGIC = b"RO"
 FORMAT_V1 = 0x01

@@ -37,11 +37,10 @@ from typing import Any
 
 from psycopg import sql
 
-from . import audit, faults, mover
-from .config import RotationOptions, StoreConfig, Target
-from .database import Conn, Timeouts, check_server, connect, db_errors
-from .decisions import Action, Decision, Request, Running, State, adopts, decide, usage_high
-from .errors import (
+from rotation_operator import faults
+from rotation_operator.crypto.kek import Kek, as_kek
+from rotation_operator.crypto.keyring import KeyRing
+from rotation_operator.errors import (
     DatabaseForbidden,
     KekMismatchError,
     KeysTableShared,
@@ -53,10 +52,24 @@ from .errors import (
     RowsUnderUnusableKey,
     SchemaError,
 )
-from .inspection import migrated
-from .kek import Kek, as_kek
-from .keyring import KeyRing
-from .keystore import (
+from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.policy.decisions import (
+    Action,
+    Decision,
+    Request,
+    Running,
+    State,
+    adopts,
+    decide,
+    usage_high,
+)
+from rotation_operator.rotation import mover
+from rotation_operator.rotation.inspection import migrated
+from rotation_operator.rotation.throttle import Throttle, ThrottleFn
+from rotation_operator.store import audit
+from rotation_operator.store.catalog import Layout, inspect
+from rotation_operator.store.database import Conn, Timeouts, check_server, connect, db_errors
+from rotation_operator.store.keystore import (
     Coverage,
     KeyStore,
     RotationRecord,
@@ -65,9 +78,7 @@ from .keystore import (
     has_legacy_rows,
     raise_legacy_needs_raw,
 )
-from .locks import InFlight, RotationLock, in_flight, still_open
-from .tables import Layout, inspect
-from .throttle import Throttle, ThrottleFn
+from rotation_operator.store.locks import InFlight, RotationLock, in_flight, still_open
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]

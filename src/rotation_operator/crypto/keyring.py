@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import crypto
-from .errors import InvalidToken, UnknownKeyError
+from rotation_operator.crypto import codec
+from rotation_operator.errors import InvalidToken, UnknownKeyError
 
 
 class BadRow(Exception):
@@ -81,23 +81,23 @@ class KeyRing:
         """Encrypt under the active DEK; returns ``(value, key_id)`` to store together."""
         if not isinstance(plaintext, bytes):
             raise TypeError("plaintext must be bytes")
-        nonce = os.urandom(crypto.NONCE_SIZE)
-        value = crypto.HEADER + nonce + self._active.encrypt(nonce, plaintext, crypto.HEADER)
+        nonce = os.urandom(codec.NONCE_SIZE)
+        value = codec.HEADER + nonce + self._active.encrypt(nonce, plaintext, codec.HEADER)
         return value, self.active_version
 
     def decrypt(self, value: bytes, key_id: int | None) -> bytes:
         """Decrypt a stored value; ``key_id`` ``None`` means a legacy (KEK) row.
 
-        The same checks as :func:`crypto.decrypt`, inlined: this is the application's hot
+        The same checks as :func:`codec.decrypt`, inlined: this is the application's hot
         path.  Any failure is the opaque :class:`InvalidToken`.
         """
         aead = self.aead(key_id)
         if not isinstance(value, bytes):
-            return crypto.decrypt(aead, value)  # memoryview etc.: the general path
-        if len(value) < crypto.OVERHEAD or not value.startswith(crypto.HEADER):
+            return codec.decrypt(aead, value)  # memoryview etc.: the general path
+        if len(value) < codec.OVERHEAD or not value.startswith(codec.HEADER):
             raise InvalidToken()
         try:
-            return aead.decrypt(value[3:15], value[15:], crypto.HEADER)
+            return aead.decrypt(value[3:15], value[15:], codec.HEADER)
         except InvalidTag:
             raise InvalidToken() from None
 
@@ -106,8 +106,8 @@ class KeyRing:
 
         Raises :class:`InvalidToken` if the old value does not authenticate.
         """
-        plaintext = crypto.decrypt(self.aead(key_id), value)
-        return crypto.encrypt(self._aeads[self.active_version], plaintext)
+        plaintext = codec.decrypt(self.aead(key_id), value)
+        return codec.encrypt(self._aeads[self.active_version], plaintext)
 
     def rotate_many(self, values: Sequence[bytes], key_ids: Sequence[int | None]
                     ) -> list[bytes]:
@@ -118,10 +118,10 @@ class KeyRing:
         syscalls).  Raises :class:`BadRow` with the index of the first row that does not
         decrypt; nothing is returned for a batch with a bad row.
         """
-        header, start, overhead = crypto.HEADER, len(crypto.HEADER) + crypto.NONCE_SIZE, \
-            crypto.OVERHEAD
+        header, start, overhead = codec.HEADER, len(codec.HEADER) + codec.NONCE_SIZE, \
+            codec.OVERHEAD
         encrypt, aeads = self._active.encrypt, self._aeads
-        nonces = os.urandom(crypto.NONCE_SIZE * len(values))
+        nonces = os.urandom(codec.NONCE_SIZE * len(values))
         out: list[bytes] = []
         append = out.append
         last: object = self  # never a key id
@@ -136,8 +136,8 @@ class KeyRing:
                 if len(value) < overhead or not value.startswith(header):
                     raise BadRow(len(out))
                 plaintext = decrypt(value[len(header):start], value[start:], header)  # type: ignore[misc]
-                at = len(out) * crypto.NONCE_SIZE
-                nonce = nonces[at:at + crypto.NONCE_SIZE]
+                at = len(out) * codec.NONCE_SIZE
+                nonce = nonces[at:at + codec.NONCE_SIZE]
                 append(header + nonce + encrypt(nonce, plaintext, header))
         except InvalidTag:
             raise BadRow(len(out)) from None

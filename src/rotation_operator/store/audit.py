@@ -23,8 +23,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from .config import StoreConfig
-from .errors import AuditChainError
+from rotation_operator.errors import AuditChainError
+from rotation_operator.policy.config import StoreConfig
 
 GENESIS = bytes(32)
 

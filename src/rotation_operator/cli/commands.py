@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, crypto
-from .config import DEFAULT_BATCH, DEFAULT_BATCH_BYTES, MODES, RotationOptions, StoreConfig, Target
-from .errors import (
+from rotation_operator import __version__
+from rotation_operator.crypto import codec
+from rotation_operator.crypto.kek import Kek, SecretKek
+from rotation_operator.errors import (
     AuditChainError,
     ConfigError,
     DatabaseForbidden,
@@ -39,17 +40,24 @@ from .errors import (
     TriggerInterference,
     UnknownKeyError,
 )
-from .kek import Kek, SecretKek
+from rotation_operator.policy.config import (
+    DEFAULT_BATCH,
+    DEFAULT_BATCH_BYTES,
+    MODES,
+    RotationOptions,
+    StoreConfig,
+    Target,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-log = logging.getLogger("rotation_operator.cli")
+log = logging.getLogger("rotation_operator.cli.commands")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":  # Kopf configures its own logging
-        from .operator.runner import run_operator
+        from rotation_operator.operator.runner import run_operator
         return run_operator(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -71,7 +79,7 @@ def as_package_error(exc: BaseException) -> RotationOperatorError:
         return exc
     import psycopg
 
-    from .database import translate
+    from rotation_operator.store.database import translate
     if isinstance(exc, psycopg.Error):
         return translate(exc)
     log.debug("unexpected error", exc_info=exc)
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the Kubernetes operator (wraps kopf run)")
-    from .operator.settings import add_run_arguments
+    from rotation_operator.operator.settings import add_run_arguments
     add_run_arguments(run)
 
     init = sub.add_parser("init", help="create the key tables and key v1 if missing; "
@@ -303,7 +311,7 @@ def _kek_from_file(path: Path, flag: str) -> Kek:
     except OSError as exc:
         raise KekError(f"cannot read {flag} {path}: {exc.strerror}") from None
     _warn_if_text(raw, f"{flag} {path}")
-    return SecretKek(crypto.parse_kek(raw, f"{flag} {path}"), f"{flag} {path}")
+    return SecretKek(codec.parse_kek(raw, f"{flag} {path}"), f"{flag} {path}")
 
 
 def _kek_from_env(name: str, flag: str) -> Kek:
@@ -311,11 +319,11 @@ def _kek_from_env(name: str, flag: str) -> Kek:
     if not value:
         raise KekError(f"no KEK: set ${name} or pass --kek-file / --kek SOURCE")
     _warn_if_text(value, f"${name}")
-    return SecretKek(crypto.parse_kek(value, f"${name}"), f"${name}")
+    return SecretKek(codec.parse_kek(value, f"${name}"), f"${name}")
 
 
 def _warn_if_text(raw: bytes, source: str) -> None:
-    if crypto.kek_looks_like_text(raw):
+    if codec.kek_looks_like_text(raw):
         print(f"warning: the KEK from {source} is 32 printable characters, taken as raw "
               "bytes: a passphrase-like key is weak; generate one with "
               "`openssl rand -base64 32`", file=sys.stderr)
@@ -335,7 +343,7 @@ def kek_source(text: str, flag: str) -> Kek:
         if missing or not (fields.get("pin-env") or fields.get("pin-file")):
             raise ConfigError(f"{flag} pkcs11:... needs module=, token=, key= and pin-env= or "
                               f"pin-file= (missing: {', '.join(missing) or 'the PIN'})")
-        from .pkcs11kek import Pkcs11Kek
+        from rotation_operator.crypto.pkcs11 import Pkcs11Kek
         return Pkcs11Kek(fields["module"], fields["token"], fields["key"], _pin(fields, flag))
     raise ConfigError(f"{flag} {text.split(':', 1)[0]!r}...: expected file:PATH, env:NAME or "
                       "pkcs11:module=...,token=...,key=...,pin-env=...")
@@ -364,7 +372,7 @@ def _actor(args: argparse.Namespace) -> str:
 
 # -- commands ----------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from rotation_operator.rotation.engine import Engine
 
     res = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args),
                  previous=_previous(args)).initialise(args.policy_version)
@@ -375,7 +383,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .inspection import snapshot
+    from rotation_operator.rotation.inspection import snapshot
 
     snap = snapshot(_dsn(args), _config(args), exact=args.exact)
     data = snapshot_dict(snap)
@@ -411,7 +419,7 @@ def snapshot_dict(snap: Any) -> dict[str, Any]:
 
 
 def _record(r: Any) -> dict[str, Any] | None:
-    from .inspection import rfc3339
+    from rotation_operator.rotation.inspection import rfc3339
 
     if r is None:
         return None
@@ -454,8 +462,8 @@ class _ProgressBar:
 
 
 def _lag(value: str) -> float:
-    from .config import parse_duration
-    from .errors import ConfigError
+    from rotation_operator.errors import ConfigError
+    from rotation_operator.policy.config import parse_duration
 
     try:
         return parse_duration(value, "maxReplicationLag").total_seconds()
@@ -474,7 +482,7 @@ def _positive(value: str) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from rotation_operator.rotation.engine import Engine
 
     engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args),
                     previous=_previous(args))
@@ -488,8 +496,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
-    from .decisions import Request
-    from .engine import Engine
+    from rotation_operator.policy.decisions import Request
+    from rotation_operator.rotation.engine import Engine
 
     current = _kek(args)
     engine = Engine(_dsn(args), _config(args), current, actor=_actor(args),
@@ -510,8 +518,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from .decisions import Retention
-    from .lifecycle import MIN_DAYS, Lifecycle
+    from rotation_operator.policy.decisions import Retention
+    from rotation_operator.rotation.lifecycle import MIN_DAYS, Lifecycle
 
     assumed = getattr(args, "assume_now", None)
     try:
@@ -562,7 +570,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from rotation_operator.rotation.engine import Engine
 
     engine = Engine(_dsn(args), _config(args), _kek(args), actor=_actor(args),
                     previous=_previous(args))
@@ -576,7 +584,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_result(args: argparse.Namespace, res: Any) -> int:
-    from .decisions import Action
+    from rotation_operator.policy.decisions import Action
 
     decision = res.decision
     if args.output == "json":
@@ -619,7 +627,7 @@ def _print_result(args: argparse.Namespace, res: Any) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .inspection import verify
+    from rotation_operator.rotation.inspection import verify
 
     rep = verify(_dsn(args), _config(args), [_kek(args), *_previous(args)])
     if args.output == "json":

@@ -3,7 +3,7 @@
 Why a module of its own: these steps touch only the keys table (no KEK, no row of a
 target), and they are the one kind of change nobody can undo (a destroyed DEK is gone, and
 with it every value still under it, in the database or in any backup).  So each step is
-explicit, previewable (:func:`~rotation_operator.decisions.retention_plan` is the dry run),
+explicit, previewable (:func:`~rotation_operator.policy.decisions.retention_plan` is the dry run),
 audited, taken under the rotation lock, and refused while any row of any target names the
 key: checked in the transaction that takes the step, with the key row locked, before and
 after every transaction in flight at the first look has ended.
@@ -25,14 +25,14 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg import sql
 
-from . import faults
-from .config import StoreConfig
-from .database import Conn, check_server, connect, db_errors
-from .decisions import KeyView, Retention, Step, retention_plan
-from .errors import KeyInUse, KeyStateError
-from .keystore import KeyRecord, KeyStore
-from .locks import RotationLock, in_flight, wait_for
-from .tables import Layout, inspect
+from rotation_operator import faults
+from rotation_operator.errors import KeyInUse, KeyStateError
+from rotation_operator.policy.config import StoreConfig
+from rotation_operator.policy.decisions import KeyView, Retention, Step, retention_plan
+from rotation_operator.store.catalog import Layout, inspect
+from rotation_operator.store.database import Conn, check_server, connect, db_errors
+from rotation_operator.store.keystore import KeyRecord, KeyStore
+from rotation_operator.store.locks import RotationLock, in_flight, wait_for
 
 log = logging.getLogger(__name__)
 #: The shortest waiting periods: early destruction is the one failure nobody can recover.

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .errors import (
+from rotation_operator.errors import (
     DatabaseError,
     DatabaseForbidden,
     DatabaseRejected,

@@ -58,13 +58,20 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from . import errors, faults
-from .config import StoreConfig
-from .database import RETRYABLE, Conn, Timeouts, connect, db_errors, translate
-from .errors import DatabaseUnavailable, RowDecryptError, TriggerInterference
-from .keyring import BadRow, KeyRing
-from .keystore import KeyStore, stale_condition
-from .tables import Heap, Layout
+from rotation_operator import errors, faults
+from rotation_operator.crypto.keyring import BadRow, KeyRing
+from rotation_operator.errors import DatabaseUnavailable, RowDecryptError, TriggerInterference
+from rotation_operator.policy.config import StoreConfig
+from rotation_operator.store.catalog import Heap, Layout
+from rotation_operator.store.database import (
+    RETRYABLE,
+    Conn,
+    Timeouts,
+    connect,
+    db_errors,
+    translate,
+)
+from rotation_operator.store.keystore import KeyStore, stale_condition
 
 log = logging.getLogger(__name__)
 BATCH_RETRIES = 5

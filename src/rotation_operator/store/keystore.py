@@ -29,11 +29,11 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import audit, crypto
-from . import kek as kek_mod
-from .config import StoreConfig
-from .database import Conn
-from .errors import (
+from rotation_operator.crypto import codec
+from rotation_operator.crypto import kek as kek_mod
+from rotation_operator.crypto.kek import Kek
+from rotation_operator.crypto.keyring import KeyRing
+from rotation_operator.errors import (
     ForeignKeyIds,
     InvalidToken,
     KekMismatchError,
@@ -43,9 +43,10 @@ from .errors import (
     RotationOperatorError,
     Superseded,
 )
-from .kek import Kek
-from .keyring import KeyRing
-from .tables import REGCLASS, Heap, Layout, regclass_arg
+from rotation_operator.policy.config import StoreConfig
+from rotation_operator.store import audit
+from rotation_operator.store.catalog import REGCLASS, Heap, Layout, regclass_arg
+from rotation_operator.store.database import Conn
 
 #: Version of the operator's own tables; :meth:`KeyStore.migrate` brings older ones here.
 SCHEMA_VERSION = 3
@@ -359,7 +360,7 @@ class KeyStore:
                    policy_version: int | None, writes: int | None = None) -> None:
         """Mint a DEK, wrap it, store it as the active key (caller retires the old one);
         ``writes``: the targets' write statistics now, the base of its usage estimate."""
-        wrapped = kek.wrap(crypto.new_key(), version)
+        wrapped = kek.wrap(codec.new_key(), version)
         conn.execute(sql.SQL(
             "INSERT INTO {keys} (version, wrapped_dek, kek_fingerprint, state, rotated_by, "
             "policy_version, writes_at_mint) VALUES (%s, %s, %s, 'active', %s, %s, %s)").format(
@@ -861,7 +862,7 @@ def check_legacy_kek(conn: Conn, kek: Kek, layouts: Sequence[Layout],
             kid=sql.Identifier(t.key_id_column), t=layout.ident)
         for row_id, value in conn.execute(q, (sample,)).fetchall():
             try:
-                crypto.decrypt(raw, bytes(value))
+                codec.decrypt(raw, bytes(value))
                 return
             except InvalidToken:
                 tried.append(f"{t.name}:{row_id}")

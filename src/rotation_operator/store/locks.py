@@ -20,10 +20,10 @@ from types import TracebackType
 
 import psycopg
 
-from .config import StoreConfig
-from .database import Conn, connect, first_line
-from .errors import LockHeld, LockLost
-from .keystore import KeyStore
+from rotation_operator.errors import LockHeld, LockLost
+from rotation_operator.policy.config import StoreConfig
+from rotation_operator.store.database import Conn, connect, first_line
+from rotation_operator.store.keystore import KeyStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""``python -m rotation_operator.cli``."""
+
+import sys
+
+from rotation_operator.cli.commands import main
+
+sys.exit(main())
