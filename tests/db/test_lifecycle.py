@@ -389,6 +389,7 @@ def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch
     from rotation_operator.crypto.kek import as_kek
     from rotation_operator.operator import kube, workflow
     from rotation_operator.operator.settings import OperatorSettings
+    from rotation_operator.operator.spec import Policy
 
     app = make_app(dsn, 300)
     app.engine().initialise(policy_version=1)
@@ -417,7 +418,7 @@ def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch
         def info(self, reason: str, message: str) -> None: ...
         def warn(self, reason: str, message: str) -> None: ...
 
-    policy = workflow.Policy("ns", "app", 1, spec, {})
+    policy = Policy("ns", "app", 1, spec, {})
     workflow._reconcile(policy, OperatorSettings(), Events(), workflow.StatusWriter(policy),
                         dsn, workflow.Keks(as_kek(app.kek), [], []), policy.store_config(),
                         policy.options())

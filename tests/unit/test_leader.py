@@ -169,9 +169,9 @@ def test_release_hands_the_lease_over() -> None:
 
 def test_a_rotation_stops_between_batches_once_the_replica_may_not_act() -> None:
     from rotation_operator.errors import NotLeading
-    from rotation_operator.operator import workflow
+    from rotation_operator.operator import spec, workflow
 
-    control = workflow.Control(workflow.Policy("ns", "app", 1, {"version": 2}, {}),
+    control = workflow.Control(spec.Policy("ns", "app", 1, {"version": 2}, {}),
                                interval=3600)
     leader.stop_acting()
     with pytest.raises(NotLeading):
@@ -182,11 +182,11 @@ def test_not_leading_at_the_boundary_writes_nothing(monkeypatch: pytest.MonkeyPa
     import kopf
 
     from rotation_operator.errors import NotLeading
-    from rotation_operator.operator import handlers, workflow
+    from rotation_operator.operator import handlers, spec, workflow
 
     failed: list[object] = []
     monkeypatch.setattr(workflow, "fail", lambda *a, **k: failed.append(a))
-    policy = workflow.Policy("ns", "app", 1, {"version": 2}, {})
+    policy = spec.Policy("ns", "app", 1, {"version": 2}, {})
     with pytest.raises(kopf.TemporaryError), \
             handlers.boundary(policy, handlers._Events({})):  # type: ignore[arg-type]
         raise NotLeading("stopping")

@@ -22,7 +22,7 @@ from rotation_operator.errors import (
     KekMismatchError,
     SecretError,
 )
-from rotation_operator.operator import handlers, kube, settings, workflow
+from rotation_operator.operator import handlers, kube, settings, spec
 
 
 class Recorder:
@@ -47,8 +47,8 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
 
 
 def _policy(generation: int = 3, conditions: list[dict[str, Any]] | None = None
-            ) -> workflow.Policy:
-    return workflow.Policy("ns", "app", generation, {"version": 2},
+            ) -> spec.Policy:
+    return spec.Policy("ns", "app", generation, {"version": 2},
                            {"conditions": conditions or []})
 
 

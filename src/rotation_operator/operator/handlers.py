@@ -24,7 +24,7 @@ from rotation_operator.errors import (
     RotationOperatorError,
     RowDecryptError,
 )
-from rotation_operator.operator import kube, leader, logs, metrics, workflow
+from rotation_operator.operator import kube, leader, logs, metrics, spec, workflow
 from rotation_operator.operator import settings as operator_settings
 from rotation_operator.operator.kube import GROUP, PLURAL, VERSION
 from rotation_operator.store.database import translate
@@ -51,12 +51,8 @@ class _Events:
         kopf.event(self.body, type=type_, reason=reason, message=message)
 
 
-def _policy(body: kopf.Body) -> workflow.Policy:
-    meta = body.get("metadata") or {}
-    return workflow.Policy(namespace=meta["namespace"], name=meta["name"],
-                           generation=int(meta.get("generation") or 0),
-                           spec=body.get("spec") or {}, status=body.get("status") or {},
-                           uid=str(meta.get("uid") or ""))
+def _policy(body: kopf.Body) -> spec.Policy:
+    return spec.Policy.from_object(body)
 
 
 def as_error(exc: Exception) -> RotationOperatorError:
@@ -103,7 +99,7 @@ def retry_delay(exc: RotationOperatorError, retry: int) -> float:
 
 
 @contextmanager
-def boundary(policy: workflow.Policy, events: _Events, retry: int = 0,
+def boundary(policy: spec.Policy, events: _Events, retry: int = 0,
              reconciling: bool = False) -> Iterator[workflow.StatusWriter]:
     """Map every error to status + Event + Kopf's retry semantics; ``reconciling``: the
     reconcile handler's run, whose retry may be brought forward."""
@@ -248,7 +244,7 @@ def watch_inputs(body: kopf.Body, **_: Any) -> None:
             _secrets_seen[key] = before
 
 
-def _secret_versions(policy: workflow.Policy) -> dict[str, str]:
+def _secret_versions(policy: spec.Policy) -> dict[str, str]:
     return {n: kube.secret_version(policy.namespace, n)
             for n in workflow.referenced_secrets(policy)}
 

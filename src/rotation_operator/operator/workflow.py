@@ -16,77 +16,43 @@ only between them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from rotation_operator.crypto import codec
 from rotation_operator.crypto.kek import Kek, SecretKek
 from rotation_operator.errors import (
+    AccessDenied,
     ConfigError,
+    DatabaseUnavailable,
+    KekError,
     KubernetesUnavailable,
     NotLeading,
     RotationCancelled,
     RotationOperatorError,
     RotationPaused,
+    SecretError,
 )
-from rotation_operator.operator import conditions, kube, leader, metrics
-from rotation_operator.operator.conditions import (
-    DEGRADED,
-    KEK_WEAK,
-    KEY_USAGE,
-    READY,
-    ROTATING,
-    THROTTLED,
-)
+from rotation_operator.operator import conditions, kube, leader, metrics, status
+from rotation_operator.operator.conditions import READY
 from rotation_operator.operator.settings import OperatorSettings
-from rotation_operator.policy.config import (
-    MAX_DURATION,
-    RotationOptions,
-    StoreConfig,
-    Target,
-    key_age,
-    parse_duration,
-)
-from rotation_operator.policy.decisions import (
-    Action,
-    Decision,
-    Request,
-    Retention,
-    State,
-    decide,
-    next_rotation_due,
-    rotation_helps,
-    usage_high,
-    wants_rotation,
-)
+from rotation_operator.operator.spec import Policy
+from rotation_operator.policy.config import RotationOptions, StoreConfig
+from rotation_operator.policy.decisions import Action, Decision, Request, decide, wants_rotation
+from rotation_operator.policy.reasons import Reason
 from rotation_operator.rotation.engine import Engine, RotationResult
-from rotation_operator.rotation.inspection import Snapshot, rfc3339, snapshot
-from rotation_operator.rotation.lifecycle import MIN_DAYS, Lifecycle, Outcome
+from rotation_operator.rotation.inspection import Snapshot, snapshot
+from rotation_operator.rotation.lifecycle import Lifecycle, Outcome
 
 log = logging.getLogger(__name__)
 _busy: dict[tuple[str, str], threading.Lock] = {}
 _busy_guard = threading.Lock()
-#: Ready reasons the refresh timer may clear once counts can be read again.
-_TRANSIENT = ("DatabaseUnavailable", "SecretMissing", "Forbidden", "KubernetesUnavailable",
-              "KEKMismatch", "KEKInvalid", "LegacyRowsNeedRawKEK", "HSMModuleMissing",
-              "HSMTokenMissing", "HSMLoginFailed", "HSMKeyMissing", "HSMKeyUnsuitable",
-              "HSMError")
 _ACTS = (Action.ROTATE, Action.RESUME, Action.SWEEP, Action.REKEY)
-#: maxEncryptionsPerKey by default: 2^30, a quarter of NIST SP 800-38D's 2^32 bound for
-#: random 96-bit nonces under one key.
-DEFAULT_MAX_ENCRYPTIONS = 1 << 30
-#: Every field of ``status.rotation``: each write names all of them (None deletes one in a
-#: merge patch), so the object always describes the one rotation it names.
-ROTATION_FIELDS = ("phase", "kind", "mode", "policyVersion", "fromVersion", "toVersion", "done",
-                   "total", "progress", "reEncrypted", "legacyMigrated", "resumed", "startedAt",
-                   "finishedAt", "seconds", "message", "handover", "caughtInHandover",
-                   "sweptAfter", "rowsPerSecond", "maxRowsPerSecond", "throttle")
 
 
 class Reporter(Protocol):
@@ -96,89 +62,18 @@ class Reporter(Protocol):
     def warn(self, reason: str, message: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class Policy:
-    """The parts of an EncryptionPolicy object the workflow reads."""
-
-    namespace: str
-    name: str
-    generation: int
-    spec: Mapping[str, Any]
-    status: Mapping[str, Any]
-    uid: str = ""
-
-    @property
-    def desired(self) -> int:
-        version = self.spec.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ConfigError("spec.version must be a positive integer")
-        return version
-
-    @property
-    def actor(self) -> str:
-        return f"EncryptionPolicy {self.namespace}/{self.name} version={self.spec.get('version')}"
-
-    @property
-    def owner(self) -> str:
-        """Whom the keys table's targets are recorded for."""
-        return f"EncryptionPolicy {self.namespace}/{self.name}"
-
-    @property
-    def paused(self) -> bool:
-        return bool((self.spec.get("rotation") or {}).get("paused", False))
-
-    def request(self, now: datetime | None = None) -> Request:
-        """What this policy asks of the database now: its version, and what it wants done
-        by itself (a maximum key age, a usage bound)."""
-        r = self.spec.get("rotation") or {}
-        age = r.get("maxKeyAge")
-        limit = r.get("maxEncryptionsPerKey", DEFAULT_MAX_ENCRYPTIONS)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ConfigError(f"maxEncryptionsPerKey {limit!r} is not a positive integer")
-        return Request("policy", self.desired, self.paused, now or datetime.now(UTC),
-                       key_age(age) if age else None, limit,
-                       bool(r.get("rotateOnUsage", False)))
-
-    def retention(self) -> Retention | None:
-        ret = self.spec.get("retention")
-        if not ret:
-            return None
-        days = {}
-        for field in ("disableAfterDays", "destroyAfterDays"):
-            value = ret.get(field, MIN_DAYS)
-            if not isinstance(value, int) or isinstance(value, bool) or value < MIN_DAYS:
-                raise ConfigError(f"retention.{field} {value!r} is below {MIN_DAYS} days: a key "
-                                  "destroyed early cannot be brought back")
-            if value > MAX_DURATION.days:
-                raise ConfigError(f"retention.{field} {value} is more than "
-                                  f"{MAX_DURATION.days} days")
-            days[field] = value
-        return Retention(timedelta(days=days["disableAfterDays"]),
-                         timedelta(days=days["destroyAfterDays"]))
-
-    def store_config(self) -> StoreConfig:
-        db = self.spec.get("database") or {}
-        targets = [Target.from_spec(t) for t in self.spec.get("targets") or []]
-        return StoreConfig(targets, db.get("keysTable", "encryption_keys"), db.get("schema"))
-
-    def options(self) -> RotationOptions:
-        r = self.spec.get("rotation") or {}
-        defaults = RotationOptions()
-        return RotationOptions(
-            mode=r.get("mode", "Online"), batch_size=r.get("batchSize", defaults.batch_size),
-            vacuum=r.get("vacuum", True), workers=r.get("workers", defaults.workers),
-            grace=r.get("graceSeconds", defaults.grace),
-            max_batch_bytes=r.get("maxBatchBytes", defaults.max_batch_bytes),
-            lock_timeout=r.get("lockTimeoutSeconds", defaults.lock_timeout),
-            statement_timeout=r.get("statementTimeoutSeconds", defaults.statement_timeout),
-            handover_timeout=r.get("handoverTimeoutSeconds", defaults.handover_timeout),
-            max_rows_per_second=r.get("maxRowsPerSecond", 0),
-            max_replication_lag=None if r.get("maxReplicationLag") is None else parse_duration(
-                r["maxReplicationLag"], "maxReplicationLag").total_seconds(),
-            max_blocked_sessions=r.get("maxBlockedSessions"))
-
-    def conditions(self) -> list[dict[str, Any]]:
-        return [dict(c) for c in self.status.get("conditions") or []]
+def _transient_reasons() -> set[str]:
+    """Ready reasons the refresh timer may clear once counts can be read again: a Secret,
+    the RBAC grant, the API server or the database missing, and every KEK problem."""
+    from rotation_operator.crypto import pkcs11  # noqa: F401  (its KekError subclasses)
+    reasons = {e.reason for e in (DatabaseUnavailable, SecretError, AccessDenied,
+                                  KubernetesUnavailable)}
+    classes: list[type[RotationOperatorError]] = [KekError]
+    while classes:
+        cls = classes.pop()
+        reasons.add(cls.reason)
+        classes.extend(cls.__subclasses__())
+    return reasons
 
 
 def policy_lock(policy: Policy) -> threading.Lock:
@@ -198,6 +93,11 @@ class StatusWriter:
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         self.conds = conditions.set_condition(self.conds, type_, status, reason, message,
                                               self.policy.generation)
+
+    def apply(self, changes: Iterable[status.Change]) -> None:
+        """Set each condition of ``changes`` (from :mod:`.status`), in order."""
+        for c in changes:
+            self.condition(c.type, c.status, c.reason, c.message)
 
     def patch(self, fields: Mapping[str, Any] | None = None, *, with_conditions: bool = True,
               resource_version: str | None = None) -> None:
@@ -241,12 +141,11 @@ class Control:
         if obj is None or meta.get("deletionTimestamp") or (p.uid and meta.get("uid") != p.uid):
             raise RotationCancelled(f"policy {p.namespace}/{p.name} was deleted: rotation "
                                     "stopped between batches (a re-created policy resumes it)")
-        spec = obj.get("spec") or {}
-        if (spec.get("rotation") or {}).get("paused"):
+        now = Policy.from_object(obj, p.namespace, p.name)
+        if now.paused:
             raise RotationPaused("spec.rotation.paused was set: rotation stopped between "
                                  "batches; clear it to resume")
-        version = spec.get("version")
-        return version if isinstance(version, int) else None
+        return now.version
 
 
 @dataclass
@@ -350,13 +249,6 @@ def read_dsn(policy: Policy) -> str:
                           "UTF-8 text") from None
 
 
-def rotation_status(**fields: Any) -> dict[str, Any]:
-    """A complete ``status.rotation``: unnamed fields are None (removed by the patch)."""
-    unknown = set(fields) - set(ROTATION_FIELDS)
-    assert not unknown, unknown
-    return {name: fields.get(name) for name in ROTATION_FIELDS}
-
-
 def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
               writer: StatusWriter | None = None) -> str:
     """Prepare, decide, act (rotate, resume or sweep), and write the full status.
@@ -369,11 +261,9 @@ def reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
     desired = policy.desired
     if wants_rotation(desired, policy.status.get("observedVersion")) and not policy.paused:
         # Flag it before any slow work: pipelines watch for Rotating within a second.
-        writer.condition(ROTATING, True, "RotationRequested",
-                         f"spec.version {desired} requested; preparing the rotation")
-        writer.condition(READY, False, "Rotating", f"rotating to version {desired}")
-        writer.patch({"rotation": rotation_status(phase="Pending", policyVersion=desired,
-                                                  startedAt=conditions.now())})
+        writer.apply(status.requested(desired))
+        writer.patch({"rotation": status.rotation_status(
+            phase="Pending", policyVersion=desired, startedAt=conditions.now())})
     cfg, options = policy.store_config(), policy.options()
     dsn, keks = read_secrets(policy)
     try:
@@ -391,13 +281,7 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
     request = policy.request()
     result: RotationResult | None = None
     with policy_lock(policy):
-        prepared = engine.prepare(desired)
-        if request.rotate_on_usage and prepared.state.rows is None:
-            # a rotation for usage is decided on the rows too (a fresh key must start well
-            # below the bound); the statistics suffice for that, the engine counts again
-            counted = snapshot(dsn, cfg, exact=False, exact_below=settings.exact_count_below)
-            prepared = dataclasses.replace(prepared, state=dataclasses.replace(
-                prepared.state, rows=counted.secret_count))
+        prepared = engine.prepare(desired, request)
         decision = decide(request, prepared.state)
         try:
             for _ in range(3):  # a rekey or a resumed rotation of another kind, then this one's
@@ -411,7 +295,7 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
                 if decision.action not in (Action.RESUME, Action.REKEY) or \
                         result.requested_version == desired:
                     break
-                prepared = engine.prepare(desired)
+                prepared = engine.prepare(desired, request)
                 decision = decide(request, prepared.state)
         except RotationPaused as exc:
             decision = Decision(Action.PAUSED, exc.reason, str(exc))
@@ -420,45 +304,11 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
             return str(exc)
         snap = snapshot(dsn, cfg)
     if result is not None and result.rekeyed:
-        events.info("KEKRotated", f"rewrapped DEK {', '.join(f'v{v}' for v in result.rekeyed)} "
-                                  f"under the KEK {keks.current.fingerprint}")
+        events.info(Reason.KEK_ROTATED, "rewrapped DEK "
+                    f"{', '.join(f'v{v}' for v in result.rekeyed)} under the KEK "
+                    f"{keks.current.fingerprint}")
     _write_ready(policy, writer, snap, result, decision, keks)
-    return decision.message if result is None else _summary(result)
-
-
-def schedule_fields(policy: Policy, snap: Snapshot, request: Request) -> dict[str, Any]:
-    """``status.nextRotationDue``, and the usage of the active key."""
-    active = snap.active_key
-    state = State(snap.active_version or 0, snap.served_version, None,
-                  active_created=active.created_at if active else None,
-                  active_encryptions=max(active.encryptions, active.rows) if active else 0)
-    due = next_rotation_due(request, state)
-    if request.max_key_age is not None:
-        metrics.MAX_KEY_AGE.labels(policy.namespace, policy.name).set(
-            request.max_key_age.total_seconds())
-    else:  # removed from the spec: no series, so KeyTooOld cannot fire on a stale one
-        metrics.clear_max_key_age(policy.namespace, policy.name)
-    return {"nextRotationDue": rfc3339(due)}
-
-
-def _usage(writer: StatusWriter, snap: Snapshot, request: Request) -> None:
-    active = snap.active_key
-    if active is None or request.max_encryptions is None:
-        return
-    used = max(active.encryptions, active.rows)
-    state = State(active.version, None, None, active_encryptions=used)
-    if usage_high(request, state):
-        too_big = snap.secret_count >= request.max_encryptions // 2
-        hint = (" (the targets hold so many rows that every new key starts near the bound: "
-                "raise maxEncryptionsPerKey)" if too_big else "")
-        writer.condition(KEY_USAGE, True, "UsageBoundNear" if not too_big else "TableNearBound",
-                         f"DEK v{active.version} has encrypted about {used} values of the "
-                         f"{request.max_encryptions} one key may (maxEncryptionsPerKey): "
-                         "rotate it" + (", as the policy does by itself" if request.rotate_on_usage
-                                        else " (or set rotation.rotateOnUsage)") + hint)
-    elif conditions.get(writer.conds, KEY_USAGE) is not None:
-        writer.condition(KEY_USAGE, False, "UsageBoundFar",
-                         f"DEK v{active.version} has encrypted about {used} values")
+    return decision.message if result is None else status.summary(result)
 
 
 def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer: StatusWriter,
@@ -468,22 +318,17 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
     labels = (policy.namespace, policy.name)
     sweep = decision.action is Action.SWEEP
     rekey = decision.action is Action.REKEY
-    if rekey:
-        writer.condition(ROTATING, True, "Rekeying", decision.message)
-        writer.condition(READY, False, "Rekeying", decision.message)
-    elif not sweep:
-        events.info("RotationStarted", f"{decision.message} ({options.mode} mode, batches of "
-                                       f"{options.batch_size})")
-        writer.condition(ROTATING, True, "RotationRunning", decision.message)
-        writer.condition(READY, False, "Rotating", f"rotating to version {policy.desired}"
-                         if decision.kind == "policy" else decision.message)
+    if not sweep and not rekey:
+        events.info(Reason.ROTATION_STARTED, f"{decision.message} ({options.mode} mode, "
+                                             f"batches of {options.batch_size})")
+    writer.apply(status.started(decision, policy.desired))
     kind = "sweep" if sweep else "rekey" if rekey else decision.kind
     base = {"phase": "Running", "kind": kind, "mode": options.mode,
             "policyVersion": policy.desired if kind in ("policy", "rekey") else None,
             "startedAt": started,
             "maxRowsPerSecond": options.max_rows_per_second or None}
-    writer.patch({"rotation": rotation_status(**base, done=0, total=0,
-                                              progress=_progress(0, 0))})
+    writer.patch({"rotation": status.rotation_status(**base, done=0, total=0,
+                                                     progress=status.progress(0, 0))})
     last = [0.0]
     t_start = time.monotonic()
     # the latest counts (for the Failed record too) and the throttle's latest word
@@ -491,7 +336,8 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
 
     def running_status(**changes: Any) -> dict[str, Any]:
         fields = {**base, **seen, **changes}
-        return rotation_status(**fields, progress=_progress(fields["done"], fields["total"]))
+        return status.rotation_status(**fields, progress=status.progress(fields["done"],
+                                                                         fields["total"]))
 
     def progress(done: int, total: int) -> None:
         elapsed = time.monotonic() - t_start
@@ -523,11 +369,7 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
             "reason": reason, "message": message,
             "lagSeconds": None if lag is None else round(lag, 1), "since": (
                 before["since"] if before and before["reason"] == reason else conditions.now())}
-        if reason is None:
-            writer.condition(THROTTLED, False, "NotThrottled", "the rotation is not waiting "
-                             "for a limit")
-        else:
-            writer.condition(THROTTLED, True, reason, message)
+        writer.apply(status.throttled(reason, message))
         try:
             writer.patch({"rotation": running_status()})
         except RotationOperatorError as exc:
@@ -538,7 +380,7 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
     try:
         result = engine.execute(request, options, prepared=prepared, progress=progress,
                                 control=Control(policy, settings.control_interval),
-                                throttled=throttled)
+                                throttled=throttled, decision=decision)
     except RotationPaused as exc:
         writer.patch({"rotation": running_status(phase="Paused", throttle=None,
                                                   message=str(exc))}, with_conditions=False)
@@ -554,93 +396,55 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
         metrics.rotation_ended(*labels)
         metrics.throttled(*labels, None, None)
         seen["throttle"] = None
-        if conditions.get(writer.conds, THROTTLED) is not None:
-            writer.condition(THROTTLED, False, "NotThrottled", "no rotation is running")
+        writer.apply(status.throttle_ended(writer.conds))
     metrics.DURATION.labels(*labels).observe(time.monotonic() - t0)
     metrics.ROWS.labels(*labels).inc(result.re_encrypted)
     metrics.ROTATIONS.labels(*labels, "succeeded" if result.performed else "noop").inc()
-    rotated = _rotated(result)
+    rotated = status.rotated(result)
     if result.decision is not None and result.decision.action is Action.SWEEP:
         kind = "sweep"
     elif rotated:
         kind = result.kind
-    writer.patch({"rotation": rotation_status(**{
-        **base, "phase": "Succeeded" if result.performed else "Skipped", "kind": kind,
-        "policyVersion": result.requested_version, "fromVersion": result.from_version,
-        "toVersion": result.to_version, "done": result.re_encrypted,
-        "total": result.re_encrypted,
-        "progress": _progress(result.re_encrypted, result.re_encrypted),
-        "reEncrypted": result.re_encrypted, "legacyMigrated": result.legacy_migrated,
-        "resumed": result.resumed, "finishedAt": conditions.now(),
-        "seconds": round(result.seconds, 3), "message": _summary(result),
-        "handover": result.handover or None, "caughtInHandover": result.caught_in_handover,
-        "sweptAfter": result.swept_after})},
-        with_conditions=False)
+    writer.patch({"rotation": status.finished_rotation(base, result, kind, conditions.now())},
+                 with_conditions=False)
     if kind == "sweep":
-        events.warn("StaleRowsSwept", _summary(result))
+        events.warn(Reason.STALE_ROWS_SWEPT, status.summary(result))
     elif rotated:
         if rekey:  # a rekey made room for this rotation: it started only now
-            events.info("RotationStarted", result.decision.message if result.decision else "")
-        events.info("RotationFinished", _summary(result))
+            events.info(Reason.ROTATION_STARTED,
+                        result.decision.message if result.decision else "")
+        events.info(Reason.ROTATION_FINISHED, status.summary(result))
         if result.swept_after or result.caught_in_handover:
-            events.info("OldKeyWritesCaught",
+            events.info(Reason.OLD_KEY_WRITES_CAUGHT,
                         f"{result.caught_in_handover} rows written under old keys during the "
                         f"rotation were moved by its final passes, {result.swept_after} "
                         "right after it finished")
     return result
 
 
-def _rotated(result: RotationResult) -> bool:
-    """Whether ``result`` includes a rotation (not only a rekey or a sweep)."""
-    return result.performed and result.decision is not None and \
-        result.decision.action in (Action.ROTATE, Action.RESUME)
-
-
 def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
                  result: RotationResult | None, decision: Decision, keks: Keks) -> None:
-    performed = result is not None and _rotated(result)
-    if decision.action is Action.BEHIND:
-        writer.condition(READY, False, decision.reason, decision.message)
-        writer.condition(ROTATING, False, "Idle", "no rotation running")
-    elif decision.action is Action.PAUSED:
-        writer.condition(READY, False, "Paused", decision.message)
-        writer.condition(ROTATING, False, "Paused", decision.message)
-    else:
-        rekeyed = result is not None and bool(result.rekeyed)
-        text = _summary(result) if result is not None and (performed or rekeyed) else (
-            f"active key v{snap.active_version}; {decision.message}")
-        reason = "RotationSucceeded" if performed else "KEKRotated" if rekeyed else "KeysReady"
-        writer.condition(READY, True, reason, text)
-        writer.condition(ROTATING, False, "Idle", "no rotation running")
-    _degraded(writer, snap, clear_other=True)
-    if keks.weak:
-        writer.condition(KEK_WEAK, True, "KEKLooksLikeText",
-                         f"the KEK from {', '.join(keks.weak)} is 32 printable characters, "
-                         "taken as raw bytes: a passphrase-like key is far weaker than 256 bits; "
-                         "generate one with `openssl rand -base64 32` and rekey to it")
-    elif conditions.get(writer.conds, KEK_WEAK) is not None:
-        writer.condition(KEK_WEAK, False, "KEKRandom", "the KEK does not look like text")
     request = policy.request()
-    _usage(writer, snap, request)
+    writer.apply(status.ready(decision, result, snap))
+    writer.apply(status.degraded(snap, writer.conds, clear_other=True))
+    writer.apply(status.kek_weak(keks.weak, writer.conds))
+    writer.apply(status.key_usage(snap, request, writer.conds))
     # Metrics first: whoever sees the status (kubectl wait) may scrape right after.
     metrics.observe_counts(policy.namespace, policy.name, snap)
-    writer.patch({**snapshot_fields(snap), **kek_fields(snap, keks),
-                  **schedule_fields(policy, snap, request)})
+    _observe_schedule(policy, request)
+    writer.patch({**status.snapshot_fields(snap, conditions.now()),
+                  **status.kek_fields(snap, {k.fingerprint for k in keks.all},
+                                      keks.current.fingerprint, keks.current.describe()),
+                  **status.schedule_fields(snap, request)})
 
 
-def _degraded(writer: StatusWriter, snap: Snapshot, *, clear_other: bool) -> None:
-    """Degraded from the counts: rows under a retired key, with their own reason.
-    ``clear_other``: also clear a Degraded set by an earlier failure."""
-    if snap.retired_count and snap.running is None:
-        writer.condition(DEGRADED, True, "RowsUnderRetiredKey",
-                         f"{snap.retired_count} rows are under a retired key, or under the KEK "
-                         "itself after a rotation (written by an application with a stale key "
-                         "ring, or one that does not use DEKs); the refresh sweeps them onto "
-                         f"DEK v{snap.active_version}")
-        return
-    current = conditions.get(writer.conds, DEGRADED) or {}
-    if clear_other or current.get("reason") == "RowsUnderRetiredKey":
-        writer.condition(DEGRADED, False, "AsExpected", "keys and data are consistent")
+def _observe_schedule(policy: Policy, request: Request) -> None:
+    """The policy's maxKeyAge as a metric (the KeyTooOld alert compares with it)."""
+    if request.max_key_age is not None:
+        metrics.MAX_KEY_AGE.labels(policy.namespace, policy.name).set(
+            request.max_key_age.total_seconds())
+    else:  # removed from the spec: no series, so KeyTooOld cannot fire on a stale one
+        metrics.clear_max_key_age(policy.namespace, policy.name)
 
 
 def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None = None,
@@ -664,10 +468,10 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
     # ``recheck``: a referenced Secret changed; prove the KEK again now, as a failing
     # policy would (a valid but different KEK must not stay Ready until the next bump)
     failing = ready is not None and ready.get("status") == "False" and \
-        ready.get("reason") in _TRANSIENT
+        ready.get("reason") in _transient_reasons()
     transient = recheck or failing
     cfg = policy.store_config()
-    request = policy.request(now)
+    request = policy.request(now, "refresh")
     lock = policy_lock(policy)
     if not lock.acquire(blocking=False):
         return False
@@ -686,23 +490,28 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
             dsn = read_dsn(policy)
         counting = _counting(policy, settings, now)
         snap = snapshot(dsn, cfg, **counting)
-        if snap.retired_count and snap.running is None and not policy.paused:
+        decision = decide(request, snap.state())
+        if decision.action is Action.SWEEP:
             interval = settings.control_interval if settings else 2.0
             snap = _sweep(policy, events, cfg, interval)
         outcome = _lifecycle(policy, events, dsn, cfg, snap, now)
         if outcome.done or outcome.changed:
             snap = snapshot(dsn, cfg, **counting)
-        due = _scheduled_due(snap, request)
+        if decision.action is Action.SWEEP:  # the next step, on what the sweep left
+            decision = decide(request, snap.state())
     finally:
         lock.release()
-    if due and settings is not None:
+    if decision.action is Action.ROTATE and settings is not None:
         # A scheduled rotation is a reconcile like any other (decided there, by the same
         # pure function, on the wall clock: an injected ``now`` only serves this refresh's
         # own look); it writes the full status.
         reconcile(policy, settings, events)
         return True
-    fields = {**snapshot_fields(snap), **kek_fields_from_status(snap, policy.status),
-              **schedule_fields(policy, snap, request), "retention": retention_fields(outcome)}
+    _observe_schedule(policy, request)
+    fields = {**status.snapshot_fields(snap, conditions.now()),
+              **status.kek_fields_from_status(snap, policy.status),
+              **status.schedule_fields(snap, request),
+              "retention": status.retention_fields(outcome)}
     if not snap.exact:  # keep when the counts were last exact
         fields["counts"]["lastExactAt"] = (policy.status.get("counts") or {}).get(
             "lastExactAt")
@@ -733,16 +542,13 @@ def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed
     if current is None:
         return
     meta = current.get("metadata") or {}
-    fresh = Policy(policy.namespace, policy.name, int(meta.get("generation") or 0),
-                   current.get("spec") or {}, current.get("status") or {},
-                   str(meta.get("uid") or ""))
+    fresh = Policy.from_object(current, policy.namespace, policy.name)
     writer = StatusWriter(fresh)
     before = [dict(c) for c in writer.conds]
     if healed:
-        writer.condition(READY, True, "KeysReady", f"active key v{snap.active_version}; "
-                                                   "database and Secrets reachable again")
-    _degraded(writer, snap, clear_other=healed)
-    _usage(writer, snap, request)
+        writer.apply(status.healed(snap))
+    writer.apply(status.degraded(snap, writer.conds, clear_other=healed))
+    writer.apply(status.key_usage(snap, request, writer.conds))
     if writer.conds == before:
         writer.patch(fields, with_conditions=False)
         return
@@ -750,20 +556,6 @@ def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed
         writer.patch(fields, resource_version=str(meta.get("resourceVersion") or ""))
     except kube.Conflict:  # someone wrote meanwhile: counts now, conditions next time
         writer.patch(fields, with_conditions=False)
-
-
-def _scheduled_due(snap: Snapshot, request: Request) -> bool:
-    """Whether the policy's own schedule (age, usage) asks for a rotation now."""
-    if snap.running is not None or request.paused or snap.active_key is None:
-        return False
-    active = snap.active_key
-    state = State(active.version, snap.served_version, None, active_created=active.created_at,
-                  active_encryptions=max(active.encryptions, active.rows),
-                  rows=snap.secret_count)
-    due = next_rotation_due(request, state)
-    return (due is not None and request.now is not None and request.now >= due) or (
-        request.rotate_on_usage and usage_high(request, state)
-        and rotation_helps(request, state))
 
 
 def _lifecycle(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig, snap: Snapshot,
@@ -775,17 +567,11 @@ def _lifecycle(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig, sna
     for step in outcome.done:
         what = "disabled (no ring unwraps it; `keys enable` undoes it)" \
             if step.action == "disable" else "destroyed (its wrapped bytes are erased)"
-        events.warn("KeyDisabled" if step.action == "disable" else "KeyDestroyed",
+        events.warn(Reason.KEY_DISABLED if step.action == "disable" else Reason.KEY_DESTROYED,
                     f"DEK v{step.version} {what}: spec.retention")
     for message in outcome.refused:
-        events.warn("KeyInUse", message)
+        events.warn(Reason.KEY_IN_USE, message)
     return outcome
-
-
-def retention_fields(outcome: Outcome) -> dict[str, Any]:
-    """``status.retention``: the next step of each key's end of life (the dry run)."""
-    return {"steps": [{"version": s.version, "action": s.action, "due": rfc3339(s.due),
-                       "ready": s.ready} for s in outcome.plan if s not in outcome.done]}
 
 
 def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) -> Snapshot:
@@ -802,7 +588,7 @@ def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) 
         keks.close()
     if result.performed:
         metrics.ROWS.labels(*labels).inc(result.re_encrypted)
-        events.warn("StaleRowsSwept", _summary(result))
+        events.warn(Reason.STALE_ROWS_SWEPT, status.summary(result))
     return snapshot(dsn, cfg)
 
 
@@ -813,14 +599,8 @@ def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
     ``writer``: the failing run's own, so a rotation it flagged (Rotating=True, written
     after Kopf took the body) is reported as RotationFailed rather than Idle.
     """
-    was_rotating = (conditions.get(writer.conds, ROTATING) or {}).get("status") == "True"
-    before = conditions.get(writer.conds, READY) or {}
-    repeated = before.get("status") == "False" and before.get("reason") == exc.reason and \
-        before.get("message") == str(exc)[:conditions.MAX_MESSAGE]
-    writer.condition(READY, False, exc.reason, str(exc))
-    writer.condition(ROTATING, False, "RotationFailed" if was_rotating else "Idle",
-                     str(exc) if was_rotating else "no rotation running")
-    writer.condition(DEGRADED, True, exc.reason, str(exc))
+    changes, repeated = status.failed(exc.reason, str(exc), writer.conds)
+    writer.apply(changes)
     if not repeated:  # a retry that fails the same way adds no Event
         events.warn(exc.reason, str(exc))
     fields: dict[str, Any] = {}
@@ -834,58 +614,3 @@ def fail(policy: Policy, exc: RotationOperatorError, events: Reporter,
         log.error("could not write the failure to status: %s", second)
 
 
-def snapshot_fields(snap: Snapshot) -> dict[str, Any]:
-    return {**snap.summary(), "lastRefreshed": conditions.now()}
-
-
-def kek_fields(snap: Snapshot, keks: Keks) -> dict[str, Any]:
-    """``status.kek`` and each key's ``kek``: only fingerprints of KEKs presented are named
-    (a stored fingerprint of an unknown KEK would let guesses be checked offline)."""
-    return _kek_fields(snap, {k.fingerprint for k in keks.all}, keks.current.fingerprint,
-                       keks.current.describe())
-
-
-def kek_fields_from_status(snap: Snapshot, status: Mapping[str, Any]) -> dict[str, Any]:
-    """The same from what the status already shows (the refresh reads no KEK): the current
-    fingerprint, and the fingerprints already named, which were all presented once."""
-    kek = status.get("kek") or {}
-    current = kek.get("fingerprint")
-    if not current:
-        return {}
-    shown = {k.get("kek") for k in status.get("keys") or []} - {None, "unknown"}
-    return _kek_fields(snap, {current, *shown}, current, str(kek.get("source") or ""))
-
-
-def _kek_fields(snap: Snapshot, presented: set[str], current: str, source: str
-                ) -> dict[str, Any]:
-    keys = snap.summary()["keys"]
-    for key, status in zip(keys, snap.keys, strict=True):
-        key["kek"] = None if status.state == "destroyed" else (
-            status.kek_fingerprint if status.kek_fingerprint in presented else "unknown")
-    # a destroyed key wraps nothing any more: it needs no KEK
-    needed = any(k.kek_fingerprint != current for k in snap.keys if k.state != "destroyed")
-    return {"keys": keys, "kek": {"fingerprint": current, "source": source,
-                                  "previousKeksNeeded": needed}}
-
-
-def _progress(done: int, total: int) -> str:
-    if not total:
-        return f"{done}/{total}"
-    return f"{done}/{total} ({100.0 * done / total:.0f}%)"
-
-
-def _summary(result: RotationResult) -> str:
-    if result.rekeyed and not _rotated(result) and result.kind != "sweep":
-        return (f"rewrapped DEK {', '.join(f'v{v}' for v in result.rekeyed)} under the new "
-                "KEK" + (f"; {result.re_encrypted} legacy rows moved onto a DEK first"
-                         if result.re_encrypted else ""))
-    if not result.performed:
-        return (result.decision.message if result.decision else
-                f"version {result.requested_version} already served (key v{result.to_version})")
-    if result.kind == "sweep":
-        return (f"swept {result.re_encrypted} rows found under retired keys onto "
-                f"v{result.to_version}")
-    return (f"rotated v{result.from_version} -> v{result.to_version}: {result.re_encrypted} rows "
-            f"re-encrypted ({result.legacy_migrated} legacy) in {result.seconds:.1f}s"
-            + ("; resumed after an interruption" if result.resumed else "")
-            + (f"; retired {', '.join(f'v{v}' for v in result.retired)}" if result.retired else ""))

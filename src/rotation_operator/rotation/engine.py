@@ -2,10 +2,14 @@
 
 This is the service layer both the CLI and the operator call; it knows nothing of
 Kubernetes.  One request is one pass: **prepare** once (read-only checks of every target,
-then create or migrate the own tables, ensure an active key, prove the KEK), **decide** with
-:func:`.decisions.decide` (the only place that decides), **act**, report.
+then create or migrate the own tables, ensure an active key, prove the KEK), **decide**
+with :func:`rotation_operator.policy.decisions.decide` (the caller's decision, or this
+module's for the CLI), **act**, report.  Nothing here decides: state is gathered by
+:func:`observe` through the decision layer's one gatherer, and ``decide`` is called once
+more under the rotation lock, on fresh records, before each step acts.
 
-Acting, under the rotation lock (:mod:`.locks`) and with a fresh look at the records:
+Acting, under the rotation lock (:mod:`rotation_operator.store.locks`) and with a fresh look
+at the records:
 
 1. **claim**: one short transaction mints the new DEK as active and the old one retiring,
    and records a running rotation with a new *fence* token (or, to resume, moves the
@@ -61,6 +65,10 @@ from rotation_operator.policy.decisions import (
     State,
     adopts,
     decide,
+    gather,
+    running_record,
+    served_version,
+    step_mode,
     usage_high,
 )
 from rotation_operator.rotation import mover
@@ -72,7 +80,6 @@ from rotation_operator.store.database import Conn, Timeouts, check_server, conne
 from rotation_operator.store.keystore import (
     Coverage,
     KeyStore,
-    RotationRecord,
     check_legacy_kek,
     check_no_key_ids,
     has_legacy_rows,
@@ -187,11 +194,16 @@ class Engine:
         return f"Engine(keys={self.cfg.qualified_keys!r}, actor={self.actor!r})"
 
     # -- prepare -------------------------------------------------------------------------
-    def prepare(self, policy_version: int | None = None) -> Prepared:
+    def prepare(self, policy_version: int | None = None, request: Request | None = None
+                ) -> Prepared:
         """Read-only checks first (server version, every target, the targets the keys table
         already covers, the KEK against legacy rows while no key exists); then create or
         migrate the own tables, ensure an active key, prove the KEK unwraps every DEK (fail
-        closed) and record ``policy_version`` as served if no policy version is yet."""
+        closed) and record ``policy_version`` as served if no policy version is yet.
+
+        ``request``: what the caller will decide on this state; one that may rotate on
+        usage also has the rows counted while the active key is near its bound (a fresh
+        key must start well below it)."""
         with db_errors(), connect(self.dsn) as conn:
             check_server(conn)
             layouts = tuple(inspect(conn, t) for t in self.cfg.targets)
@@ -212,7 +224,8 @@ class Engine:
                 raise_legacy_needs_raw(self._kek)
             baseline = policy_version is not None and self.store.record_baseline(
                 conn, policy_version, ring.active_version, self.actor)
-            state = observe(conn, self.store, ring.active_version, self._kek.fingerprint)
+            state = observe(conn, self.store, ring.active_version, self._kek.fingerprint,
+                            usage=request, targets=layouts)
         return Prepared(layouts, ring, state, created, baseline)
 
     def _legacy_kek(self, conn: Conn, layouts: Sequence[Layout]) -> Kek:
@@ -264,17 +277,21 @@ class Engine:
     def execute(self, request: Request, options: RotationOptions | None = None, *,
                 prepared: Prepared | None = None, progress: ProgressFn | None = None,
                 control: ControlFn | None = None, lock_wait: float = 0.0,
-                throttled: ThrottleFn | None = None) -> RotationResult:
-        """Carry out ``request``: decide (again, under the lock, on fresh records) and act.
+                throttled: ThrottleFn | None = None,
+                decision: Decision | None = None) -> RotationResult:
+        """Carry out ``request``: decide again, under the lock, on fresh records, and act.
 
-        ``prepared``: this pass's :meth:`prepare`, when the caller already ran it.
+        ``prepared``: this pass's :meth:`prepare`, and ``decision`` what the caller decided
+        on it, when the caller already ran them (else both are done here first).
         ``throttled``: told when the rotation waits for its limits, and when it stops.
         """
         options = options or RotationOptions()
         started = time.monotonic()
         if prepared is None:  # a rotation request records no baseline: it rotates
             prepared = self.prepare()
-        decision = decide(request, prepared.state)
+            decision = None
+        if decision is None:
+            decision = decide(request, prepared.state)
         # A sweep (or a rotation for usage) is decided on counts, which only the look under
         # the lock takes.
         counted_later = request.kind == "sweep" or request.rotate_on_usage
@@ -307,7 +324,7 @@ class Engine:
                 sizes = _sizes(conn, prepared.layouts)
             run = _Run(self, conn, lock, prepared, options, timeouts, progress, control,
                        throttled)
-            if options.mode == "Atomic" and decision.action is not Action.SWEEP:
+            if step_mode(decision, options.mode) == "Atomic":
                 run.check_lock_privilege()  # before anything is minted
             result = dataclasses.replace(run.act(decision, request), rekeyed=rekeyed)
         faults.point("before-vacuum")
@@ -384,30 +401,16 @@ def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = 
     rotate on usage, for which the rows of ``targets`` are counted when the active key is
     near its bound, in ``targets``)."""
     records = store.rotation_records(conn)
-    keys = store.list_keys(conn)
-    rekey = current_kek is not None and any(
-        k.kek_fingerprint != current_kek for k in keys if k.state != "destroyed")
-    active_key = next((k for k in keys if k.state == "active"), None)
-    served = max((r.requested_version for r in records
-                  if r.phase in ("baseline", "done") and r.requested_version is not None),
-                 default=None)
-    run = next((r for r in records if r.phase == "running"), None)
     layouts = list(count)
     retired = store.count_stale(conn, layouts, active, legacy=migrated(records)) \
         if layouts else None
-    state = State(active, served, _running(run), retired, rekey,
-                  active_key.created_at if active_key else None,
-                  active_key.encryptions if active_key else 0)
+    state = gather(store.list_keys(conn), served_version(records),
+                   Running.of(running_record(records)), current_kek=current_kek,
+                   retired_rows=retired)
     if usage is not None and usage.rotate_on_usage and usage_high(usage, state) and targets:
         rows = store.count_stale(conn, targets, 0, legacy=True)  # every row (no key 0)
         state = dataclasses.replace(state, rows=rows)
     return state
-
-
-def _running(record: RotationRecord | None) -> Running | None:
-    if record is None:
-        return None
-    return Running(record.id, record.kind, record.requested_version, record.to_version)
 
 
 class _Run:
@@ -438,7 +441,7 @@ class _Run:
 
     # -- the steps -----------------------------------------------------------------------
     def act(self, decision: Decision, request: Request) -> RotationResult:
-        mode = "Online" if decision.action is Action.SWEEP else self.options.mode
+        mode = step_mode(decision, self.options.mode)
         with self.conn.transaction():
             if decision.action is Action.ROTATE:
                 claim = self._mint(request, mode, decision)

@@ -18,6 +18,14 @@ from psycopg import sql
 from rotation_operator.crypto.kek import Kek
 from rotation_operator.errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
 from rotation_operator.policy.config import StoreConfig
+from rotation_operator.policy.decisions import (
+    Running,
+    State,
+    encryptions,
+    gather,
+    running_record,
+    served_version,
+)
 from rotation_operator.store import audit
 from rotation_operator.store.catalog import Layout, inspect
 from rotation_operator.store.database import Conn, connect, db_errors
@@ -95,6 +103,13 @@ class Snapshot:
         """Rows under a retired key: what invariant 4 forbids once a rotation is done."""
         return sum(t.retired for t in self.targets)
 
+    def state(self) -> State:
+        """The decision layer's view of this snapshot (no rekey check: a snapshot reads
+        no KEK)."""
+        return gather(self.keys, self.served_version, Running.of(self.running),
+                      retired_rows=self.retired_count, rows=self.secret_count,
+                      key_rows={k.version: k.rows for k in self.keys})
+
     def summary(self) -> dict[str, Any]:
         """The camelCase fields shared by the CR's status and ``status -o json``."""
         return {
@@ -110,7 +125,7 @@ class Snapshot:
                        "lastExactAt": rfc3339(self.counted_at) if self.exact else None},
             "keys": [{"version": k.version, "state": k.state, "createdAt": rfc3339(k.created_at),
                       "retiredAt": rfc3339(k.retired_at), "rotatedBy": k.rotated_by,
-                      "rows": k.rows, "encryptions": max(k.encryptions, k.rows),
+                      "rows": k.rows, "encryptions": encryptions(k.encryptions, k.rows),
                       "zeroRowsSince": rfc3339(k.zero_rows_since),
                       "disabledAt": rfc3339(k.disabled_at),
                       "destroyAfter": rfc3339(k.destroy_after),
@@ -174,7 +189,7 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             keys = store.list_keys(conn)
             records = store.rotation_records(conn)
-            running = next((r for r in records if r.phase == "running"), None)
+            running = running_record(records)
             active = next((k.version for k in keys if k.state == "active"), None)
             stale_keys = _stale_keys(keys, records)
             per_key: dict[int | None, int] = {}
@@ -200,9 +215,7 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
     sweeps = [r for r in records if r.phase == "done" and r.kind == "sweep"]
     return Snapshot(
         active_version=active,
-        served_version=max((r.requested_version for r in records
-                            if r.phase in ("baseline", "done")
-                            and r.requested_version is not None), default=None),
+        served_version=served_version(records),
         keys=[KeyStatus(k.version, k.state, k.created_at, k.retired_at, k.rotated_by,
                         per_key.get(k.version, 0), k.kek_fingerprint, k.zero_rows_since,
                         k.disabled_at, k.destroy_after, k.destroyed_at, k.encryptions)

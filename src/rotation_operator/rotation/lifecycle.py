@@ -28,7 +28,14 @@ from psycopg import sql
 from rotation_operator import faults
 from rotation_operator.errors import KeyInUse, KeyStateError
 from rotation_operator.policy.config import StoreConfig
-from rotation_operator.policy.decisions import KeyView, Retention, Step, retention_plan
+from rotation_operator.policy.decisions import (
+    KeyView,
+    Retention,
+    Step,
+    destroy_from,
+    retention_plan,
+    zero_rows_clock,
+)
 from rotation_operator.store.catalog import Layout, inspect
 from rotation_operator.store.database import Conn, check_server, connect, db_errors
 from rotation_operator.store.keystore import KeyRecord, KeyStore
@@ -154,8 +161,7 @@ class Lifecycle:
         if key.state != "disabled" or key.disabled_at is None:
             raise KeyStateError(f"DEK v{version} is {key.state}; a key is destroyed only "
                                 "once it is disabled (keys disable), after a waiting period")
-        earliest = max(key.destroy_after or key.disabled_at,
-                       key.disabled_at + timedelta(days=MIN_DAYS))
+        earliest = destroy_from(key.disabled_at, key.destroy_after, timedelta(days=MIN_DAYS))
         if now < earliest:
             raise KeyStateError(f"DEK v{version} may be destroyed from {earliest.isoformat()} "
                                 "on (the waiting period after it was disabled)")
@@ -222,8 +228,5 @@ class Lifecycle:
 def _censused(key: KeyRecord, rows: Mapping[int | None, int], now: datetime, exact: bool
               ) -> KeyRecord:
     """The key as :meth:`KeyStore.census` would leave its zero-rows clock (dry runs)."""
-    if key.state not in ("retired", "disabled"):
-        return key
-    n = rows.get(key.version, 0)
-    since = (key.zero_rows_since or (now if exact else None)) if n == 0 else None
+    since = zero_rows_clock(key.state, key.zero_rows_since, rows.get(key.version, 0), now, exact)
     return dataclasses.replace(key, zero_rows_since=since)

@@ -44,6 +44,7 @@ from rotation_operator.errors import (
     Superseded,
 )
 from rotation_operator.policy.config import StoreConfig
+from rotation_operator.policy.decisions import zero_rows_clock
 from rotation_operator.store import audit
 from rotation_operator.store.catalog import REGCLASS, Heap, Layout, regclass_arg
 from rotation_operator.store.database import Conn
@@ -483,9 +484,7 @@ class KeyStore:
         changed = False
         for k in self.list_keys(conn):
             n = rows.get(k.version, 0)
-            since = k.zero_rows_since
-            if k.state in ("retired", "disabled"):
-                since = (since or (now if exact else None)) if n == 0 else None
+            since = zero_rows_clock(k.state, k.zero_rows_since, n, now, exact)
             used, base = n, k.writes_at_mint
             if k.state == "active" and writes is not None:
                 if base is None or writes < base:
