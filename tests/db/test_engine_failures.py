@@ -20,7 +20,7 @@ from rotation_operator.errors import (
     RowDecryptError,
 )
 from rotation_operator.library import Encryptor
-from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.policy.config import MAX_LIMIT, RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store.locks import RotationLock
@@ -324,9 +324,13 @@ def test_database_restart_mid_rotation_then_rerun(dsn: str, pg_server: testenv.P
         if len(calls) == 4:
             pg_server.restart()
 
+    # A load limit that is never reached: workers then get their block ranges one at a
+    # time as they finish them, so the restart comes while rows remain, however far the
+    # workers run ahead of this process on a busy machine.
+    options = RotationOptions(batch_size=100, vacuum=False, workers=workers,
+                              max_blocked_sessions=MAX_LIMIT)
     with pytest.raises(DatabaseUnavailable) as info:
-        app.engine().rotate(2, RotationOptions(batch_size=100, vacuum=False, workers=workers),
-                            progress=progress)
+        app.engine().rotate(2, options, progress=progress)
     assert info.value.retryable and info.value.reason == "DatabaseUnavailable"
     assert len(calls) >= 4  # workers may report batches they committed before the restart
     snap = inspection.snapshot(dsn, app.cfg)
