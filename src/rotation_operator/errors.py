@@ -6,6 +6,12 @@ decrypt), and *a bug*.  Each error carries a stable ``reason`` (CamelCase, used 
 Kubernetes condition reason and in CLI output) and ``retryable``.  The operator maps them to
 ``kopf.TemporaryError`` / ``kopf.PermanentError`` at exactly one boundary.
 
+One cause, one reason, whichever part of a rotation notices it first: a database that
+restarted, crashed, failed over or cannot be reached is :class:`DatabaseUnavailable`, seen
+by a batch, a parallel worker or the rotation lock's heartbeat alike.  :class:`LockLost`
+means only the lock's own session ended while the database stayed up (terminated, an idle
+timer, a proxy), and :class:`Superseded` that another rotator took the rotation over.
+
 No message built here ever contains key material or plaintext: messages name tables, row ids,
 key versions, Secret names and lengths, never values.
 """
@@ -84,7 +90,8 @@ class AccessDenied(RotationOperatorError):
 
 
 class DatabaseUnavailable(RotationOperatorError):
-    """PostgreSQL cannot be reached or dropped the connection."""
+    """PostgreSQL cannot be reached, dropped the connection, or restarted (also when the
+    rotation lock's session is the one that noticed)."""
 
     reason = "DatabaseUnavailable"
     retryable = True
@@ -242,8 +249,9 @@ class Superseded(RotationStopped):
 
 
 class LockLost(RotationStopped):
-    """The session holding the rotation lock died (idle timeout, network drop,
-    ``pg_terminate_backend``): stopped before another rotator could interleave."""
+    """The session holding the rotation lock died while the database stayed up (idle
+    timeout, network drop, ``pg_terminate_backend``): stopped before another rotator could
+    interleave.  A database restart is :class:`DatabaseUnavailable`, not this."""
 
     reason = "LockLost"
 

@@ -7,6 +7,8 @@ at the named point."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -14,12 +16,14 @@ from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import (
     DatabaseUnavailable,
     KekMismatchError,
+    LockLost,
     RowDecryptError,
 )
 from rotation_operator.library import Encryptor
-from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.policy.config import MAX_LIMIT, RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
+from rotation_operator.store.locks import RotationLock
 from tests.db.apptable import (
     ATOMIC,
     ONLINE,
@@ -37,6 +41,7 @@ from tests.db.apptable import (
     run_cli,
 )
 from tests.fixtures._env import testenv
+from tests.fixtures.roles import admin_dsn
 
 
 # -- wrong KEK -----------------------------------------------------------------------------
@@ -319,9 +324,13 @@ def test_database_restart_mid_rotation_then_rerun(dsn: str, pg_server: testenv.P
         if len(calls) == 4:
             pg_server.restart()
 
+    # A load limit that is never reached: workers then get their block ranges one at a
+    # time as they finish them, so the restart comes while rows remain, however far the
+    # workers run ahead of this process on a busy machine.
+    options = RotationOptions(batch_size=100, vacuum=False, workers=workers,
+                              max_blocked_sessions=MAX_LIMIT)
     with pytest.raises(DatabaseUnavailable) as info:
-        app.engine().rotate(2, RotationOptions(batch_size=100, vacuum=False, workers=workers),
-                            progress=progress)
+        app.engine().rotate(2, options, progress=progress)
     assert info.value.retryable and info.value.reason == "DatabaseUnavailable"
     assert len(calls) >= 4  # workers may report batches they committed before the restart
     snap = inspection.snapshot(dsn, app.cfg)
@@ -331,6 +340,34 @@ def test_database_restart_mid_rotation_then_rerun(dsn: str, pg_server: testenv.P
     res = app.engine().rotate(2, RotationOptions(batch_size=100, workers=workers))
     assert res.performed and res.resumed
     app.assert_rotated(keys_for_policy=[(2, 1)])
+
+
+@pytest.mark.parametrize("cause", ["restart", "terminated"])
+def test_a_lost_lock_session_is_reported_by_its_cause(dsn: str, pg_server: testenv.Postgres,
+                                                      cause: str) -> None:
+    """One cause, one reason, whichever part of a rotation notices first: the lock's
+    heartbeat seeing its session end in a database restart says DatabaseUnavailable, as
+    every other connection of the rotation does; only a session ended while the database
+    stayed up (``pg_terminate_backend``: another rotator may now take the lock) says
+    LockLost."""
+    app = make_app(dsn, 10)
+    with RotationLock(dsn, app.cfg, heartbeat=0.05) as lock:
+        lock.check()
+        if cause == "restart":
+            pg_server.restart()
+        else:
+            with psycopg.connect(admin_dsn(dsn), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (lock.backend_pid,))
+        for _ in range(1200):  # until the heartbeat has noticed
+            if lock.lost:
+                break
+            time.sleep(0.05)
+        assert lock.lost
+        expected = DatabaseUnavailable if cause == "restart" else LockLost
+        for _ in range(2):  # asked again, the same answer
+            with pytest.raises(expected) as info:
+                lock.check()
+            assert type(info.value) is expected and info.value.retryable
 
 
 def test_database_unreachable_is_retryable_and_names_no_password(dsn: str) -> None:

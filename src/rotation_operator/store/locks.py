@@ -8,6 +8,13 @@ first still runs.  So the session has TCP keepalives and ``idle_session_timeout 
 heartbeat thread proves it alive every second, and the rotation checks :meth:`check`
 between batches.  What the heartbeat cannot see in time, the fence does: every batch
 proves its rotation record and key are still current (``KeyStore.check_fence``).
+
+One cause, one reason: when the lock's session dies because the database itself went away
+(a restart, a crash, a failover, unreachable), every connection of the rotation breaks and
+whichever notices first must report the same thing, so :meth:`check` then raises
+:class:`DatabaseUnavailable`, as a batch's or a worker's broken connection does.
+:class:`LockLost` is only for this session ending while the database stayed up (killed,
+an idle timer, a proxy): the one case in which another rotator can take the lock.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from types import TracebackType
 
 import psycopg
 
-from rotation_operator.errors import LockHeld, LockLost
+from rotation_operator.errors import DatabaseUnavailable, LockHeld, LockLost
 from rotation_operator.policy.config import StoreConfig
 from rotation_operator.store.database import Conn, connect, first_line
 from rotation_operator.store.keystore import KeyStore
@@ -40,6 +47,9 @@ class RotationLock:
         self._conn: Conn | None = None
         self._key = 0
         self._lost: str | None = None
+        self._lost_state: str | None = None  # the SQLSTATE the heartbeat saw, if any
+        self._database_gone: bool | None = None  # why the session died, once looked at
+        self._started: object = None  # the server's pg_postmaster_start_time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.backend_pid = 0
@@ -51,6 +61,7 @@ class RotationLock:
             self._key = KeyStore(self._cfg).lock_key(conn, "rotate")
             self._acquire(conn)
             self.backend_pid = conn.info.backend_pid
+            self._started = _postmaster_started(conn)
         except BaseException:
             conn.close()
             raise
@@ -78,6 +89,7 @@ class RotationLock:
             try:
                 conn.execute("SELECT 1")
             except psycopg.Error as exc:
+                self._lost_state = exc.sqlstate
                 self._lost = first_line(exc)
                 log.error("the session holding the rotation lock of %s is gone (%s); the "
                           "rotation stops at its next batch", self._cfg.qualified_keys,
@@ -89,11 +101,34 @@ class RotationLock:
         return self._lost is not None
 
     def check(self) -> None:
-        """Raise :class:`LockLost` if the lock's session died."""
-        if self._lost is not None:
-            raise LockLost(f"the session holding the rotation lock of "
-                           f"{self._cfg.qualified_keys} was lost ({self._lost}); stopped so "
-                           "that no other rotator interleaves; it resumes on the next attempt")
+        """Raise if the lock's session died: :class:`DatabaseUnavailable` if the database
+        went away with it, else :class:`LockLost` (see the module's docstring)."""
+        if self._lost is None:
+            return
+        if self._database_gone is None:
+            self._database_gone = self._went_away()
+        if self._database_gone:
+            raise DatabaseUnavailable(
+                f"the database restarted or cannot be reached: the session holding the "
+                f"rotation lock of {self._cfg.qualified_keys} ended ({self._lost}); the "
+                "rotation resumes on the next attempt")
+        raise LockLost(f"the session holding the rotation lock of "
+                       f"{self._cfg.qualified_keys} was lost ({self._lost}); stopped so "
+                       "that no other rotator interleaves; it resumes on the next attempt")
+
+    def _went_away(self) -> bool:
+        """Whether the database itself went away, not only the lock's session: decided by
+        the cause, whenever it is looked at.  A crash of another backend (57P02) ends every
+        session; otherwise a new session must reach the same server still running since the
+        lock was taken (a restart or a failover changes its start time)."""
+        if self._lost_state == "57P02":
+            return True
+        try:
+            with connect(self._dsn, application_name="rotation-operator-lock-probe") as probe:
+                started = _postmaster_started(probe)
+        except (DatabaseUnavailable, psycopg.Error):
+            return True
+        return started is None or started != self._started
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -112,6 +147,12 @@ class RotationLock:
             pass
         finally:
             conn.close()
+
+
+def _postmaster_started(conn: Conn) -> object:
+    """When the server's postmaster started: another value means another server run."""
+    row = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    return row[0] if row else None
 
 
 #: (pid, virtual xid) of sessions in a transaction, and xids of prepared transactions.
