@@ -17,6 +17,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from rotation_operator.crypto import codec
 from rotation_operator.errors import InvalidToken, UnknownKeyError
 
+# The hot paths below slice with the codec's named layout, bound once here.
+_V1 = codec.V1
+_NONCE, _BODY, _OVERHEAD = _V1.nonce, _V1.body, _V1.overhead
+
 
 class BadRow(Exception):
     """Row ``index`` of a batch did not decrypt (or names an unknown key)."""
@@ -81,8 +85,8 @@ class KeyRing:
         """Encrypt under the active DEK; returns ``(value, key_id)`` to store together."""
         if not isinstance(plaintext, bytes):
             raise TypeError("plaintext must be bytes")
-        nonce = os.urandom(codec.NONCE_SIZE)
-        value = codec.HEADER + nonce + self._active.encrypt(nonce, plaintext, codec.HEADER)
+        nonce = os.urandom(_V1.nonce_size)
+        value = _V1.header + nonce + self._active.encrypt(nonce, plaintext, _V1.header)
         return value, self.active_version
 
     def decrypt(self, value: bytes, key_id: int | None) -> bytes:
@@ -94,10 +98,10 @@ class KeyRing:
         aead = self.aead(key_id)
         if not isinstance(value, bytes):
             return codec.decrypt(aead, value)  # memoryview etc.: the general path
-        if len(value) < codec.OVERHEAD or not value.startswith(codec.HEADER):
+        if len(value) < _OVERHEAD or not value.startswith(_V1.header):
             raise InvalidToken()
         try:
-            return aead.decrypt(value[3:15], value[15:], codec.HEADER)
+            return aead.decrypt(value[_NONCE], value[_BODY], _V1.header)
         except InvalidTag:
             raise InvalidToken() from None
 
@@ -118,10 +122,10 @@ class KeyRing:
         syscalls).  Raises :class:`BadRow` with the index of the first row that does not
         decrypt; nothing is returned for a batch with a bad row.
         """
-        header, start, overhead = codec.HEADER, len(codec.HEADER) + codec.NONCE_SIZE, \
-            codec.OVERHEAD
+        header, nonce_at, body_at, overhead = _V1.header, _NONCE, _BODY, _OVERHEAD
+        size = _V1.nonce_size
         encrypt, aeads = self._active.encrypt, self._aeads
-        nonces = os.urandom(codec.NONCE_SIZE * len(values))
+        nonces = os.urandom(size * len(values))
         out: list[bytes] = []
         append = out.append
         last: object = self  # never a key id
@@ -135,9 +139,9 @@ class KeyRing:
                     decrypt, last = aead.decrypt, key_id
                 if len(value) < overhead or not value.startswith(header):
                     raise BadRow(len(out))
-                plaintext = decrypt(value[len(header):start], value[start:], header)  # type: ignore[misc]
-                at = len(out) * codec.NONCE_SIZE
-                nonce = nonces[at:at + codec.NONCE_SIZE]
+                plaintext = decrypt(value[nonce_at], value[body_at], header)  # type: ignore[misc]
+                at = len(out) * size
+                nonce = nonces[at:at + size]
                 append(header + nonce + encrypt(nonce, plaintext, header))
         except InvalidTag:
             raise BadRow(len(out)) from None
