@@ -3,10 +3,15 @@
 Pure (no I/O).  It is the shape of ``MultiFernet``: decrypt with whichever key a row names,
 encrypt with the active one, and :meth:`KeyRing.rotate` a value from the first to the
 second.  The engine and the application library both build one from the keys table.
+
+This module is the only caller of :meth:`Kek.legacy_key`: legacy rows are format-v1
+values under the KEK's own bytes.  A ring crosses to a rotation worker process by pickling
+(:meth:`KeyRing.__reduce__`), so the layers above never hold key bytes themselves.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rotation_operator.crypto import codec
+from rotation_operator.crypto.kek import Kek
 from rotation_operator.errors import InvalidToken, UnknownKeyError
 
 # The hot paths below slice with the codec's named layout, bound once here.
@@ -34,13 +40,14 @@ class BadRow(Exception):
 class KeyRing:
     """Unwrapped DEKs by version, the active version, and the KEK (for legacy rows).
 
-    Instances never print key bytes: ``repr`` shows versions only.
+    Instances never print key bytes: ``repr`` shows versions only.  Build one from
+    :class:`Kek` objects with :meth:`of`.
     """
 
     active_version: int
     deks: Mapping[int, bytes] = field(repr=False)
-    #: The raw KEK for legacy rows; None when it cannot be read (a key in an HSM).
-    kek: bytes | None = field(repr=False)
+    #: The KEK's bytes, the key of legacy rows; None when they cannot be read (an HSM).
+    legacy_key: bytes | None = field(repr=False)
     #: Keys that exist but cannot decrypt: version -> state (disabled, destroyed).
     unavailable: Mapping[int, str] = field(default_factory=dict)
     _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
@@ -50,11 +57,25 @@ class KeyRing:
     def __post_init__(self) -> None:
         if self.active_version not in self.deks:
             raise ValueError(f"active DEK v{self.active_version} is not in the ring")
-        if self.kek is not None:
-            self._aeads[None] = AESGCM(self.kek)
+        if self.legacy_key is not None:
+            self._aeads[None] = AESGCM(self.legacy_key)
         for version, dek in self.deks.items():
             self._aeads[version] = AESGCM(dek)
         object.__setattr__(self, "_active", self._aeads[self.active_version])
+
+    @classmethod
+    def of(cls, active_version: int, deks: Mapping[int, bytes], legacy: Kek | None,
+           unavailable: Mapping[int, str] | None = None) -> KeyRing:
+        """A ring of unwrapped ``deks`` that reads legacy rows with ``legacy``'s bytes,
+        when it has a KEK that wraps the keys and lets them out."""
+        return cls(active_version, deks, None if legacy is None else legacy.legacy_key(),
+                   dict(unavailable or {}))
+
+    def __reduce__(self) -> tuple[type[KeyRing], tuple[object, ...]]:
+        """Pickle as the material only (the ciphers are rebuilt): how a ring reaches a
+        rotation worker, over the spawn pipe and nowhere else."""
+        return (KeyRing, (self.active_version, dict(self.deks), self.legacy_key,
+                          dict(self.unavailable)))
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -62,7 +83,16 @@ class KeyRing:
 
     @property
     def reads_legacy(self) -> bool:
-        return self.kek is not None
+        return self.legacy_key is not None
+
+    def reads_legacy_as(self, kek: Kek) -> bool:
+        """Whether legacy rows are read with ``kek``'s bytes, or, for a KEK whose bytes
+        never leave their store, whether this ring reads none: then a KEK change leaves
+        no legacy row behind under the old KEK."""
+        key = kek.legacy_key()
+        if key is None or self.legacy_key is None:
+            return key is None and self.legacy_key is None
+        return hmac.compare_digest(key, self.legacy_key)
 
     def aead(self, key_id: int | None) -> AESGCM:
         """The cipher for ``key_id`` (``None`` = the KEK, for legacy rows)."""
@@ -153,3 +183,10 @@ class KeyRing:
         except (InvalidToken, UnknownKeyError):
             return False
         return True
+
+
+def legacy_cipher(kek: Kek) -> AESGCM | None:
+    """The cipher of legacy rows under ``kek`` (format v1 directly under its bytes), or
+    None when its bytes never leave their store."""
+    key = kek.legacy_key()
+    return None if key is None else AESGCM(key)

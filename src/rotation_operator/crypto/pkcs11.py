@@ -400,8 +400,8 @@ class Pkcs11Kek:
         """Always ``False``: this provider never exports the key."""
         return False
 
-    def raw(self) -> bytes | None:
-        """``None``: the key bytes stay in the token."""
+    def legacy_key(self) -> bytes | None:
+        """``None``: the key bytes stay in the token (legacy rows cannot be read with it)."""
         return None
 
     def describe(self) -> str:
