@@ -25,7 +25,7 @@ from rotation_operator.errors import InvalidToken, UnknownKeyError
 
 # The hot paths below slice with the codec's named layout, bound once here.
 _V1 = codec.V1
-_NONCE, _BODY, _OVERHEAD = _V1.nonce, _V1.body, _V1.overhead
+_HEADER, _NONCE, _BODY, _OVERHEAD = _V1.header, _V1.nonce, _V1.body, _V1.overhead
 
 
 class BadRow(Exception):
@@ -116,7 +116,7 @@ class KeyRing:
         if not isinstance(plaintext, bytes):
             raise TypeError("plaintext must be bytes")
         nonce = os.urandom(_V1.nonce_size)
-        value = _V1.header + nonce + self._active.encrypt(nonce, plaintext, _V1.header)
+        value = _HEADER + nonce + self._active.encrypt(nonce, plaintext, _HEADER)
         return value, self.active_version
 
     def decrypt(self, value: bytes, key_id: int | None) -> bytes:
@@ -128,10 +128,10 @@ class KeyRing:
         aead = self.aead(key_id)
         if not isinstance(value, bytes):
             return codec.decrypt(aead, value)  # memoryview etc.: the general path
-        if len(value) < _OVERHEAD or not value.startswith(_V1.header):
+        if len(value) < _OVERHEAD or not value.startswith(_HEADER):
             raise InvalidToken()
         try:
-            return aead.decrypt(value[_NONCE], value[_BODY], _V1.header)
+            return aead.decrypt(value[_NONCE], value[_BODY], _HEADER)
         except InvalidTag:
             raise InvalidToken() from None
 
@@ -152,7 +152,7 @@ class KeyRing:
         syscalls).  Raises :class:`BadRow` with the index of the first row that does not
         decrypt; nothing is returned for a batch with a bad row.
         """
-        header, nonce_at, body_at, overhead = _V1.header, _NONCE, _BODY, _OVERHEAD
+        header, nonce_at, body_at, overhead = _HEADER, _NONCE, _BODY, _OVERHEAD
         size = _V1.nonce_size
         encrypt, aeads = self._active.encrypt, self._aeads
         nonces = os.urandom(size * len(values))

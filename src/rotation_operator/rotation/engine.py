@@ -169,7 +169,8 @@ class _Claim:
 
 
 class Engine:
-    """Key management for one keys table and its targets, given a DSN and the KEK.
+    """Key management for one keys table and its targets, given a DSN and the KEKs: the
+    current one first, then the previous ones a rekey may still need.
 
     ``owner`` names who the targets are recorded for (a policy's ``namespace/name``);
     ``None`` (the CLI) may use a keys table only with the targets it already covers.
