@@ -49,11 +49,14 @@ sys.path.insert(0, str(ROOT / "hack" / "testenv"))
 
 import psycopg  # noqa: E402
 
-from rotation_operator import crypto  # noqa: E402
+from rotation_operator.crypto import codec as crypto  # noqa: E402
+from rotation_operator.crypto.kek import SecretKek  # noqa: E402
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target  # noqa: E402
 from rotation_operator.store.keystore import KeyStore  # noqa: E402
 
 KEK = bytes(range(32))
+#: The engine and the store take Kek objects, current first.
+KEKS = [SecretKek(KEK, "the bench KEK")]
 CFG = StoreConfig([Target("secrets")])
 
 
@@ -84,7 +87,7 @@ def load(dsn: str, rows: int, size: int) -> None:
         c.execute("VACUUM (ANALYZE) secrets")
     from rotation_operator.rotation.engine import Engine
 
-    Engine(dsn, CFG, KEK, actor="bench").initialise()  # key v1; rows stay legacy
+    Engine(dsn, CFG, KEKS, actor="bench").initialise()  # key v1; rows stay legacy
 
 
 def table_mb(dsn: str) -> float:
@@ -127,7 +130,7 @@ def _rotate_main(mode: str, workers: int, batch: int, grace: float, max_lag: flo
                  max_rate: int = 0) -> None:
     from rotation_operator.rotation.engine import Engine
 
-    engine = Engine(os.environ["BENCH_DSN"], CFG, KEK, actor="bench")
+    engine = Engine(os.environ["BENCH_DSN"], CFG, KEKS, actor="bench")
     engine.initialise()
     options = RotationOptions(mode=mode, batch_size=batch, vacuum=False,  # type: ignore[arg-type]
                               workers=workers, grace=grace, max_replication_lag=max_lag,
@@ -145,7 +148,7 @@ def _rotate_main(mode: str, workers: int, batch: int, grace: float, max_lag: flo
 def ceiling(dsn: str) -> float:
     """rows/s of decrypt+encrypt in one process over the table's current values."""
     with psycopg.connect(dsn) as c:
-        ring = KeyStore(CFG).load_ring(c, KEK)
+        ring = KeyStore(CFG).load_ring(c, KEKS)
         rows = c.cursor(binary=True).execute("SELECT value, key_id FROM secrets").fetchall()
         values, key_ids = [bytes(r[0]) for r in rows], [r[1] for r in rows]
     t = time.perf_counter()
@@ -157,7 +160,7 @@ def ceiling(dsn: str) -> float:
 def naive(dsn: str, limit: int) -> float:
     """rows/s of the textbook loop: SELECT all, then one UPDATE per row, one commit."""
     with psycopg.connect(dsn) as c:
-        ring = KeyStore(CFG).load_ring(c, KEK)
+        ring = KeyStore(CFG).load_ring(c, KEKS)
         t = time.perf_counter()
         rows = c.execute("SELECT id, value, key_id FROM secrets ORDER BY id LIMIT %s",
                          (limit,)).fetchall()
@@ -348,7 +351,7 @@ class Writer:
 def lost_writes(dsn: str, expected: dict[int, bytes]) -> int:
     """Rows whose stored value does not decrypt to what the writer last wrote."""
     with psycopg.connect(dsn) as c:
-        ring = KeyStore(CFG).load_ring(c, KEK)
+        ring = KeyStore(CFG).load_ring(c, KEKS)
         rows = c.execute("SELECT id, value, key_id FROM secrets WHERE id = ANY(%s)",
                          (list(expected),)).fetchall()
     got = {r[0]: ring.decrypt(bytes(r[1]), r[2]) for r in rows}
@@ -480,7 +483,6 @@ def status_cost(dsn: str) -> dict[str, float]:
 
 def rekey_1000(dsn: str) -> float:
     """Seconds to rewrap 1000 DEKs under a new KEK (one transaction)."""
-    from rotation_operator.crypto.kek import as_kek
     from rotation_operator.policy.decisions import Request
     from rotation_operator.rotation.engine import Engine
 
@@ -489,8 +491,8 @@ def rekey_1000(dsn: str) -> float:
                   "encryption_keys_rotations, encryption_keys_meta")
         c.execute("CREATE TABLE secrets (id bigint PRIMARY KEY, value bytea NOT NULL, "
                   "key_id integer)")
-    Engine(dsn, CFG, KEK, actor="bench").initialise()
-    store, kek = KeyStore(CFG), as_kek(KEK)
+    Engine(dsn, CFG, KEKS, actor="bench").initialise()
+    store, kek = KeyStore(CFG), KEKS[0]
     with psycopg.connect(dsn) as c:
         for version in range(2, 1001):
             c.execute("UPDATE encryption_keys SET state = 'retired', retired_at = now() "
@@ -499,7 +501,7 @@ def rekey_1000(dsn: str) -> float:
         c.commit()
     new = os.urandom(32)
     t = time.perf_counter()
-    res = Engine(dsn, CFG, new, actor="bench", previous=[KEK]).execute(Request("rekey"))
+    res = Engine(dsn, CFG, [SecretKek(new), *KEKS], actor="bench").execute(Request("rekey"))
     seconds = time.perf_counter() - t
     assert len(res.rekeyed) == 1000, res.rekeyed
     return seconds

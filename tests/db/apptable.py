@@ -31,6 +31,7 @@ from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store import audit
 from rotation_operator.store.keystore import KeyStore
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import APP_ROLE, OPERATOR_ROLE, admin_dsn, app_dsn, grant_target
 
 Plaintexts = dict[Any, bytes]
@@ -94,7 +95,7 @@ def keys_schema(dsn: str, schema: str) -> None:
 
 def load_ring(dsn: str, cfg: StoreConfig, kek: bytes) -> KeyRing:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return KeyStore(cfg).load_ring(conn, kek)
+        return KeyStore(cfg).load_ring(conn, keks(kek))
 
 
 def fill(dsn: str, target: Target, kek: bytes, n: int, *, ring: KeyRing | None = None,
@@ -233,7 +234,7 @@ class App:
         return self.cfg.targets[0]
 
     def engine(self, kek: bytes | None = None, actor: str = "test") -> Engine:
-        return Engine(self.dsn, self.cfg, self.kek if kek is None else kek, actor=actor)
+        return Engine(self.dsn, self.cfg, keks(self.kek if kek is None else kek), actor=actor)
 
     def ring(self) -> KeyRing:
         return load_ring(self.dsn, self.cfg, self.kek)

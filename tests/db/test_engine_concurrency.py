@@ -31,6 +31,7 @@ from tests.db.apptable import (
     run_cli,
 )
 from tests.db.apptable import in_thread as _in_thread
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import app_dsn
 
 
@@ -46,7 +47,7 @@ def test_two_rotators_make_exactly_one_rotation(dsn: str, options: RotationOptio
         app.engine(actor="b").rotate(2, options)
     assert info.value.retryable
     with pytest.raises(LockHeld):  # same keys table named with its schema: same lock
-        Engine(dsn, StoreConfig(app.cfg.targets, schema="public"), app.kek,
+        Engine(dsn, StoreConfig(app.cfg.targets, schema="public"), keks(app.kek),
                actor="b").rotate(2, options)
     proc = run_cli("rotate", "--policy-version", "2", dsn=dsn, kek=app.kek)
     assert proc.returncode == 3 and "[LockHeld]" in proc.stderr, proc.stderr

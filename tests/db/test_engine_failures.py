@@ -41,6 +41,7 @@ from tests.db.apptable import (
     run_cli,
 )
 from tests.fixtures._env import testenv
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import admin_dsn
 
 
@@ -60,7 +61,7 @@ def test_wrong_kek_fails_closed_and_writes_nothing(dsn: str) -> None:
     with pytest.raises(KekMismatchError, match="DEK v2"):
         app.engine(wrong).rotate(3, ATOMIC)
     with pytest.raises(KekMismatchError, match="DEK v2"):
-        inspection.verify(dsn, app.cfg, wrong)
+        inspection.verify(dsn, app.cfg, keks(wrong))
     with pytest.raises(KekMismatchError, match="DEK v2"), Encryptor(dsn, wrong) as enc:
         enc.encrypt(b"x")
     proc = run_cli("rotate", "--policy-version", "3", "--no-vacuum", dsn=dsn, kek=wrong)
@@ -422,9 +423,9 @@ def test_wrong_kek_on_a_fresh_database_of_legacy_rows_creates_nothing(dsn: str) 
     for call in (lambda e: e.initialise(policy_version=1), lambda e: e.rotate(2, ONLINE),
                  lambda e: e.rotate(2, ATOMIC)):
         with pytest.raises(KekMismatchError, match="legacy row") as info:
-            call(Engine(dsn, cfg, wrong, actor="test"))
+            call(Engine(dsn, cfg, keks(wrong), actor="test"))
         assert "secrets" in str(info.value)
     assert dump(dsn) == before  # not even the key tables were created
     # The right KEK still works, and every legacy row reads back.
-    Engine(dsn, cfg, kek, actor="test").rotate(2, ONLINE)
+    Engine(dsn, cfg, keks(kek), actor="test").rotate(2, ONLINE)
     assert_rotated(dsn, cfg, kek, {target: expected})

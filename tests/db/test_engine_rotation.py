@@ -28,6 +28,7 @@ from tests.db.apptable import (
     read_rows,
     verify_audit,
 )
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import admin_dsn, app_dsn
 
 
@@ -63,7 +64,7 @@ def test_only_legacy_rows_and_no_init(dsn: str) -> None:
     kek = crypto.new_key()
     expected = fill(dsn, Target("secrets"), kek, 500, ring=None)
     cfg = StoreConfig([Target("secrets")])
-    res = Engine(dsn, cfg, kek, actor="test").rotate(options=ONLINE)
+    res = Engine(dsn, cfg, keks(kek), actor="test").rotate(options=ONLINE)
     assert res.performed and res.kind == "manual" and res.requested_version is None
     assert res.legacy_migrated == 500 and res.to_version == 2
     assert decrypt_all(dsn, cfg, kek, Target("secrets")) == expected
@@ -90,7 +91,7 @@ def test_initialise_records_a_fresh_policy_version_without_rotating(dsn: str) ->
     create_table(dsn)
     cfg = StoreConfig([Target("secrets")])
     kek = crypto.new_key()
-    eng = Engine(dsn, cfg, kek, actor="EncryptionPolicy ns/p version=4")
+    eng = Engine(dsn, cfg, keks(kek), actor="EncryptionPolicy ns/p version=4")
     init = eng.initialise(policy_version=4)
     assert (init.active_version, init.created_key, init.baseline_recorded,
             init.served_version) == (1, True, True, 4)
@@ -163,10 +164,10 @@ def test_multiple_targets_schema_qualified_and_custom_columns(dsn: str) -> None:
     keys_schema(dsn, "keystore")
     cfg = StoreConfig(targets, keys_table="app_keys", schema="keystore")
     kek = crypto.new_key()
-    eng = Engine(dsn, cfg, kek, actor="test")
+    eng = Engine(dsn, cfg, keks(kek), actor="test")
     eng.initialise()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ring = eng.store.load_ring(conn, kek)
+        ring = eng.store.load_ring(conn, keks(kek))
     expected = {
         targets[0]: fill(dsn, targets[0], kek, 300, ring=ring),
         targets[1]: fill(dsn, targets[1], kek, 250, ring=ring, legacy_every=2),
@@ -222,10 +223,10 @@ def test_target_problems_are_named(dsn: str) -> None:
             with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
                 conn.execute(ddl.format(name))
         cfg = StoreConfig([Target(name)])
-        for call in (lambda c=cfg: Engine(dsn, c, kek, actor="test").initialise(),
-                     lambda c=cfg: Engine(dsn, c, kek, actor="test").rotate(2, ONLINE),
+        for call in (lambda c=cfg: Engine(dsn, c, keks(kek), actor="test").initialise(),
+                     lambda c=cfg: Engine(dsn, c, keks(kek), actor="test").rotate(2, ONLINE),
                      lambda c=cfg: inspection.snapshot(dsn, c),
-                     lambda c=cfg: inspection.verify(dsn, c, kek)):
+                     lambda c=cfg: inspection.verify(dsn, c, keks(kek))):
             with pytest.raises(SchemaError, match=message):
                 call()
     with psycopg.connect(admin_dsn(dsn)) as conn:  # nothing of ours was created
@@ -307,10 +308,10 @@ def test_quoted_identifiers_work(dsn: str) -> None:
     keys_schema(dsn, "Table")
     cfg = StoreConfig([target], keys_table="Keys", schema="Table")
     kek = crypto.new_key()
-    eng = Engine(dsn, cfg, kek, actor="test")
+    eng = Engine(dsn, cfg, keks(kek), actor="test")
     eng.initialise()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ring = eng.store.load_ring(conn, kek)
+        ring = eng.store.load_ring(conn, keks(kek))
     expected = fill(dsn, target, kek, 500, ring=ring)
     decoy_rows = fill(dsn, decoy, kek, 50, ring=None)
     decoy_before = read_rows(dsn, decoy)
@@ -330,4 +331,4 @@ def test_quoted_identifiers_work(dsn: str) -> None:
     assert tables == [("Group", "Select"), ("Table", "Keys"), ("Table", "Keys_audit"),
                       ("Table", "Keys_meta"), ("Table", "Keys_rotations"), ("group", "select")]
     assert inspection.snapshot(dsn, cfg).stale_count == 0
-    assert inspection.verify(dsn, cfg, kek).ok
+    assert inspection.verify(dsn, cfg, keks(kek)).ok

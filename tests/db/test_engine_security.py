@@ -39,6 +39,7 @@ from tests.db.apptable import (
     run_cli,
     verify_audit,
 )
+from tests.fixtures.keks import keks
 
 # -- hostile identifiers -------------------------------------------------------------------
 HOSTILE_SPECS: list[dict[str, Any]] = [
@@ -70,7 +71,7 @@ def test_hostile_target_names_are_refused_before_any_sql(dsn: str, spec: dict[st
     _canary(dsn)
     before = dump(dsn)
     with pytest.raises(ConfigError) as info:
-        Engine(dsn, StoreConfig([Target.from_spec(spec)]), app.kek, actor="t").rotate(2)
+        Engine(dsn, StoreConfig([Target.from_spec(spec)]), keks(app.kek), actor="t").rotate(2)
     assert info.value.reason == "InvalidSpec"
     cli_target = spec["table"] if len(spec) == 1 else ":".join(
         [spec["table"], spec.get("idColumn", "id"), spec.get("valueColumn", "value"),
@@ -106,7 +107,7 @@ def test_valid_names_that_need_quoting_cannot_inject(dsn: str) -> None:
     _canary(dsn)
     cfg = StoreConfig([target], keys_table="DROP")
     kek = crypto.new_key()
-    eng = Engine(dsn, cfg, kek, actor="t")
+    eng = Engine(dsn, cfg, keks(kek), actor="t")
     eng.initialise()
     from tests.db.apptable import decrypt_all, fill, load_ring
 
@@ -115,7 +116,7 @@ def test_valid_names_that_need_quoting_cannot_inject(dsn: str) -> None:
     eng.rotate(3, ATOMIC)
     assert decrypt_all(dsn, cfg, kek, target) == expected
     assert _canary_alive(dsn)
-    assert inspection.verify(dsn, cfg, kek).ok
+    assert inspection.verify(dsn, cfg, keks(kek)).ok
 
 
 # -- audit chain ---------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_tampered_audit_chain_fails_verify(dsn: str, tamper: str, message: str) 
         conn.execute(tamper)
     with pytest.raises(AuditChainError, match=re.escape(message)):
         verify_audit(dsn, app.cfg)
-    report = inspection.verify(dsn, app.cfg, app.kek)
+    report = inspection.verify(dsn, app.cfg, keks(app.kek))
     assert not report.ok and report.audit_error and message in report.audit_error
     assert report.rows == 300 and not report.failures  # the data itself is fine
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
@@ -200,7 +201,7 @@ def test_verify_reports_rows_that_do_not_decrypt(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         conn.execute("UPDATE secrets SET value = overlay(value placing '\\x00' from 40 for 1) "
                      "WHERE id IN (7, 8)")
-    report = inspection.verify(dsn, app.cfg, app.kek)
+    report = inspection.verify(dsn, app.cfg, keks(app.kek))
     assert not report.ok and sorted(f["id"] for f in report.failures) == ["7", "8"]
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
     assert proc.returncode == 1 and "FAIL secrets id=7" in proc.stdout
@@ -239,7 +240,7 @@ def test_no_key_or_plaintext_in_logs_errors_reprs_or_cli_output(
     # wrong KEK, everywhere it can be given
     expect_error(lambda: app.engine(wrong).initialise(), KekMismatchError)
     expect_error(lambda: app.engine(wrong).rotate(2, ONLINE), KekMismatchError)
-    expect_error(lambda: inspection.verify(dsn, app.cfg, wrong), KekMismatchError)
+    expect_error(lambda: inspection.verify(dsn, app.cfg, keks(wrong)), KekMismatchError)
     # a corrupted row (online and atomic), then the repaired rotation
     with psycopg.connect(dsn) as conn:
         original = conn.execute("SELECT value FROM secrets WHERE id = 150").fetchone()
@@ -247,7 +248,7 @@ def test_no_key_or_plaintext_in_logs_errors_reprs_or_cli_output(
                      "WHERE id = 150")
     expect_error(lambda: eng.rotate(2, ATOMIC), RowDecryptError)
     expect_error(lambda: eng.rotate(2, ONLINE), RowDecryptError)
-    texts.append(repr(inspection.verify(dsn, app.cfg, app.kek)))
+    texts.append(repr(inspection.verify(dsn, app.cfg, keks(app.kek))))
     with psycopg.connect(dsn) as conn:
         conn.execute("UPDATE secrets SET value = %s WHERE id = 150", (original[0],))  # type: ignore[index]
     texts.append(repr(eng.rotate(2, ONLINE)))

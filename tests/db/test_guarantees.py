@@ -52,6 +52,7 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import OPERATOR_ROLE, admin_dsn, app_dsn, grant_target
 
 #: The library's and the engine's defaults: what an application gets out of the box.
@@ -112,12 +113,12 @@ def test_partitioned_table_is_rotated_partition_by_partition(dsn: str,
     _grant(dsn, "secrets", "secrets_low", "secrets_high", atomic=options.mode == "Atomic")
     kek = crypto.new_key()
     cfg = StoreConfig([Target("secrets")])
-    Engine(dsn, cfg, kek, actor="test").initialise()
+    Engine(dsn, cfg, keks(kek), actor="test").initialise()
     _write_through_library(dsn, kek, range(1, 1501))
     expected = _read_plain(dsn, kek)
     assert len(expected) == 1500
 
-    res = Engine(dsn, cfg, kek, actor="test").rotate(2, options)
+    res = Engine(dsn, cfg, keks(kek), actor="test").rotate(2, options)
     assert res.performed and res.re_encrypted == 1500 and res.legacy_migrated == 300
     assert_rotated(dsn, cfg, kek, {Target("secrets"): expected})
     assert {k for _, k in read_rows(dsn, Target("secrets")).values()} == {2}
@@ -139,14 +140,14 @@ def test_inheritance_children_are_rotated_and_no_row_takes_another_value(
     _grant(dsn, "secrets", "secrets_archive", "secrets_extra", atomic=options.mode == "Atomic")
     kek = crypto.new_key()
     cfg = StoreConfig([Target("secrets")])
-    Engine(dsn, cfg, kek, actor="test").initialise()
+    Engine(dsn, cfg, keks(kek), actor="test").initialise()
     for table, ids in (("secrets", range(1, 301)), ("secrets_archive", range(1001, 1301)),
                        ("secrets_extra", range(2001, 2301))):
         _write_through_library(dsn, kek, ids, table=table)
     expected = _read_plain(dsn, kek)  # through the parent: all 900 rows
     assert len(expected) == 900
 
-    res = Engine(dsn, cfg, kek, actor="test").rotate(2, options)
+    res = Engine(dsn, cfg, keks(kek), actor="test").rotate(2, options)
     assert res.performed and res.re_encrypted == 900
     got = _read_plain(dsn, kek)
     assert got == expected  # every row holds its own plaintext: none took another's
@@ -163,7 +164,8 @@ def test_a_foreign_or_unsupported_member_is_refused_by_name(dsn: str) -> None:
     _grant(dsn, "secrets", "secrets_p1")
     before = dump(dsn)
     with pytest.raises(Exception, match="has an UPDATE rule") as info:
-        Engine(dsn, StoreConfig([Target("secrets")]), crypto.new_key(), actor="t").initialise()
+        Engine(dsn, StoreConfig([Target("secrets")]), keks(crypto.new_key()),
+               actor="t").initialise()
     assert getattr(info.value, "reason", "") == "TargetUnsupported"
     assert dump(dsn) == before
 
@@ -228,7 +230,7 @@ def test_a_ciphertext_held_across_the_rotation_is_reported_and_swept(dsn: str) -
     app.expected[app.target][9002] = b"app-secret-held"
     snap = inspection.snapshot(dsn, app.cfg)
     assert snap.retired_count == 1 and snap.stale_count == 1
-    report = inspection.verify(dsn, app.cfg, app.kek)
+    report = inspection.verify(dsn, app.cfg, keks(app.kek))
     assert not report.ok and report.retired == {"v1": 1} and not report.failures
     proc = _verify_cli(dsn, app.kek)
     assert proc.returncode == 1 and "rows under retired keys: v1: 1" in proc.stdout
@@ -239,7 +241,7 @@ def test_a_ciphertext_held_across_the_rotation_is_reported_and_swept(dsn: str) -
     assert res.performed and res.kind == "sweep" and res.re_encrypted == 1
     assert keys(dsn, app.cfg) == [(1, "retired", None), (2, "active", 2)]  # no new key
     app.assert_rotated()
-    assert inspection.verify(dsn, app.cfg, app.kek).ok
+    assert inspection.verify(dsn, app.cfg, keks(app.kek)).ok
     assert not app.engine().sweep(DEFAULTS).performed  # nothing left
 
 
@@ -352,11 +354,11 @@ def test_two_policies_with_different_targets_cannot_share_a_keys_table(dsn: str)
     create_table(dsn, Target("orders"))
     app = make_app(dsn, 100)  # targets [secrets], recorded at its first initialise
     owner_a, owner_b = "EncryptionPolicy ns/a", "EncryptionPolicy ns/b"
-    Engine(dsn, app.cfg, app.kek, actor="a", owner=owner_a).initialise(1)
+    Engine(dsn, app.cfg, keks(app.kek), actor="a", owner=owner_a).initialise(1)
     before = dump(dsn)
     other = StoreConfig([Target("orders")])
-    for call in (lambda: Engine(dsn, other, app.kek, actor="b", owner=owner_b).initialise(1),
-                 lambda: Engine(dsn, other, app.kek, actor="b", owner=owner_b).rotate(2)):
+    for call in (lambda: Engine(dsn, other, keks(app.kek), actor="b", owner=owner_b).initialise(1),
+                 lambda: Engine(dsn, other, keks(app.kek), actor="b", owner=owner_b).rotate(2)):
         with pytest.raises(KeysTableShared, match=r"covers public\.secrets") as info:
             call()
         assert "give each application its own keysTable" in str(info.value)
@@ -365,18 +367,18 @@ def test_two_policies_with_different_targets_cannot_share_a_keys_table(dsn: str)
     assert proc.returncode == 2 and "[KeysTableShared]" in proc.stderr
     assert dump(dsn) == before  # refused before any write
     # the same targets are fine for anyone (the CLI, the same policy re-created)
-    assert Engine(dsn, app.cfg, app.kek, actor="cli").rotate(2, DEFAULTS).performed
+    assert Engine(dsn, app.cfg, keks(app.kek), actor="cli").rotate(2, DEFAULTS).performed
 
 
 def test_the_owner_may_add_targets_but_not_drop_one_that_still_has_rows(dsn: str) -> None:
     app = make_app(dsn, 50)
     owner = "EncryptionPolicy ns/a"
-    Engine(dsn, app.cfg, app.kek, actor="a", owner=owner).initialise(1)
+    Engine(dsn, app.cfg, keks(app.kek), actor="a", owner=owner).initialise(1)
     create_table(dsn, Target("orders"))
     both = StoreConfig([Target("secrets"), Target("orders")])
-    Engine(dsn, both, app.kek, actor="a", owner=owner).initialise(1)
+    Engine(dsn, both, keks(app.kek), actor="a", owner=owner).initialise(1)
     with pytest.raises(KeysTableShared, match="still holds 38 rows"):  # 12 are legacy
-        Engine(dsn, StoreConfig([Target("orders")]), app.kek, actor="a",
+        Engine(dsn, StoreConfig([Target("orders")]), keks(app.kek), actor="a",
                owner=owner).initialise(1)
 
 
@@ -423,9 +425,9 @@ def test_a_harmless_before_update_trigger_is_allowed(dsn: str) -> None:
     _grant(dsn, "secrets")
     kek = crypto.new_key()
     cfg = StoreConfig([Target("secrets")])
-    Engine(dsn, cfg, kek, actor="t").initialise()
+    Engine(dsn, cfg, keks(kek), actor="t").initialise()
     expected = fill(dsn, Target("secrets"), kek, 300, ring=load_ring(dsn, cfg, kek))
-    assert Engine(dsn, cfg, kek, actor="t").rotate(2, DEFAULTS).performed
+    assert Engine(dsn, cfg, keks(kek), actor="t").rotate(2, DEFAULTS).performed
     assert_rotated(dsn, cfg, kek, {Target("secrets"): expected})
 
 
@@ -460,7 +462,7 @@ def test_paused_stops_between_batches_and_resumes_losing_nothing(dsn: str) -> No
         app.engine().rotate(2, DEFAULTS.replace(workers=1), control=control)
     snap = inspection.snapshot(dsn, app.cfg)
     assert snap.running is not None and 0 < snap.stale_count < 1000
-    assert inspection.verify(dsn, app.cfg, app.kek).failures == []
+    assert inspection.verify(dsn, app.cfg, keks(app.kek)).failures == []
     res = app.engine().rotate(2, DEFAULTS)
     assert res.resumed
     app.assert_rotated(keys_for_policy=[(2, 1)])
@@ -501,7 +503,7 @@ def test_large_values_keep_memory_flat(dsn: str) -> None:
     create_table(dsn)
     kek = crypto.new_key()
     cfg = StoreConfig([Target("secrets")])
-    Engine(dsn, cfg, kek, actor="t").initialise()
+    Engine(dsn, cfg, keks(kek), actor="t").initialise()
     ring = load_ring(dsn, cfg, kek)
     big = os.urandom(32 * 1024).hex().encode()  # 64 kB, incompressible
     with psycopg.connect(app_dsn(dsn)) as conn, conn.cursor() as cur, cur.copy(
@@ -540,11 +542,11 @@ def test_a_corrupt_legacy_row_is_a_bad_row_not_a_wrong_kek(dsn: str) -> None:
         conn.execute("UPDATE secrets SET value = overlay(value placing '\\x00' from 20 for 1) "
                      "WHERE id = %s", (row[0],))
     cfg = StoreConfig([Target("secrets")])
-    init = Engine(dsn, cfg, kek, actor="t").initialise()  # the KEK opens the other rows
+    init = Engine(dsn, cfg, keks(kek), actor="t").initialise()  # the KEK opens the other rows
     assert init.created_key
     with pytest.raises(Exception, match=f"row {row[0]} of table secrets does not decrypt "
                                         "under the KEK") as info:
-        Engine(dsn, cfg, kek, actor="t").rotate(2, DEFAULTS)
+        Engine(dsn, cfg, keks(kek), actor="t").rotate(2, DEFAULTS)
     assert getattr(info.value, "reason", "") == "RowDecryptFailed"
 
 
@@ -556,8 +558,8 @@ def test_a_new_keys_table_over_rows_of_another_is_refused(dsn: str) -> None:
     app.engine().rotate(2, DEFAULTS.replace(grace=0.0))
     before = dump(dsn)
     other = StoreConfig(app.cfg.targets, keys_table="other_keys")
-    for call in (lambda: Engine(dsn, other, app.kek, actor="t").initialise(1),
-                 lambda: Engine(dsn, other, app.kek, actor="t").rotate(3)):
+    for call in (lambda: Engine(dsn, other, keks(app.kek), actor="t").initialise(1),
+                 lambda: Engine(dsn, other, keks(app.kek), actor="t").rotate(3)):
         with pytest.raises(Exception, match="rows under key id 2, but keys table other_keys "
                                             "holds no key") as info:
             call()
@@ -612,7 +614,7 @@ def test_two_policies_racing_on_a_fresh_database_one_wins(dsn: str,
             def run(owner: str = owner, table: str = table, db: str = db, kek: bytes = kek,
                     barrier: threading.Barrier = barrier) -> object:
                 barrier.wait()
-                return Engine(db, StoreConfig([Target(table)]), kek, actor=owner,
+                return Engine(db, StoreConfig([Target(table)]), keks(kek), actor=owner,
                               owner=owner).initialise(1)
             outs.append(in_thread(run))
         for t, _ in outs:
@@ -721,9 +723,9 @@ def test_a_legacy_row_written_after_a_rotation_is_reported_and_swept(dsn: str) -
                      (crypto.encrypt(app.kek, b"app-secret-legacy-late"),))
     app.expected[app.target][9006] = b"app-secret-legacy-late"
     assert inspection.snapshot(dsn, app.cfg).retired_count == 1
-    report = inspection.verify(dsn, app.cfg, app.kek)
+    report = inspection.verify(dsn, app.cfg, keks(app.kek))
     assert not report.ok and report.retired == {"legacy": 1}
     res = app.engine().sweep(DEFAULTS)
     assert res.performed and res.re_encrypted == 1
     app.assert_rotated()
-    assert inspection.verify(dsn, app.cfg, app.kek).ok
+    assert inspection.verify(dsn, app.cfg, keks(app.kek)).ok

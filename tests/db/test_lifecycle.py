@@ -28,6 +28,7 @@ from tests.db.apptable import (
     run_cli,
     verify_audit,
 )
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import app_dsn
 
 DAY = timedelta(days=1)
@@ -184,7 +185,7 @@ def test_disable_enable_then_destroy_after_the_waiting_period(dsn: str) -> None:
     assert events.count("key_disabled") == 2 and "key_enabled" in events
     assert events[-1] == "key_destroyed"
     app.assert_rotated()  # every row still reads back
-    assert inspection.verify(dsn, app.cfg, app.kek).ok
+    assert inspection.verify(dsn, app.cfg, keks(app.kek)).ok
     with pytest.raises(KeyStateError):
         life.enable(1)
 
@@ -248,7 +249,7 @@ def test_the_cli_asks_for_confirmation_and_names_every_refusal(dsn: str) -> None
     assert proc.returncode == 0 and "DEK v1 destroyed" in proc.stdout, proc.stderr
     assert _key(app, 1).wrapped_dek == b""
     assert "Traceback" not in proc.stderr
-    assert inspection.verify(dsn, app.cfg, app.kek).ok
+    assert inspection.verify(dsn, app.cfg, keks(app.kek)).ok
     status = run_cli("status", dsn=dsn, kek=None).stdout
     assert "destroyed" in status
     assert datetime.now(UTC) > now  # the audit records the real time, not --assume-now

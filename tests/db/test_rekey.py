@@ -33,6 +33,7 @@ from tests.db.apptable import (
     run_cli,
 )
 from tests.fixtures.fix_hsm import SoftHSM
+from tests.fixtures.keks import keks
 from tests.fixtures.roles import app_dsn
 
 REKEY = Request("rekey")
@@ -64,20 +65,20 @@ def test_rekey_rewraps_every_key_moves_legacy_rows_first_and_the_old_kek_opens_n
     app.expected[app.target].update(_write_legacy(app, range(5001, 5011)))  # legacy again
     old, new = app.kek, crypto.new_key()
 
-    res = Engine(dsn, app.cfg, new, actor="rekey", previous=[old]).execute(REKEY, ONLINE)
+    res = Engine(dsn, app.cfg, keks(new, old), actor="rekey").execute(REKEY, ONLINE)
     assert res.rekeyed == (1, 2) and res.to_version == 2
     assert _independent_read(app, new) == app.expected[app.target]
     _assert_opens_nothing(app, old)
     events = [e for e, _, _ in audit_events(dsn, app.cfg)]
     assert events[-4:] == ["rows_swept", "key_rewrapped", "key_rewrapped", "kek_rotated"]
     # idempotent; the new KEK alone is enough from now on, for the engine and the library
-    again = Engine(dsn, app.cfg, new, actor="rekey", previous=[old]).execute(REKEY, ONLINE)
+    again = Engine(dsn, app.cfg, keks(new, old), actor="rekey").execute(REKEY, ONLINE)
     assert again.rekeyed == () and not again.performed
-    assert inspection.verify(dsn, app.cfg, new).ok
+    assert inspection.verify(dsn, app.cfg, keks(new)).ok
     with Encryptor(app_dsn(dsn), new) as enc:
         value, kid = enc.encrypt(b"app-secret-after-rekey")
         assert kid == 2 and enc.decrypt(value, kid) == b"app-secret-after-rekey"
-    assert Engine(dsn, app.cfg, new, actor="t").rotate(3, ONLINE).performed
+    assert Engine(dsn, app.cfg, keks(new), actor="t").rotate(3, ONLINE).performed
 
 
 def _write_legacy(app: App, ids: range) -> dict[object, bytes]:
@@ -97,13 +98,13 @@ def test_a_missing_or_wrong_previous_kek_fails_closed(dsn: str, previous: str) -
     before = dump(dsn)
     given = [] if previous == "missing" else [wrong]
     with pytest.raises(KekMismatchError, match=r"(none of the KEKs|the KEK) presented") as info:
-        Engine(dsn, app.cfg, new, actor="rekey", previous=given).execute(REKEY, ONLINE)
+        Engine(dsn, app.cfg, keks(new, *given), actor="rekey").execute(REKEY, ONLINE)
     message = str(info.value)
     assert crypto.kek_fingerprint(new) in message
     assert crypto.kek_fingerprint(app.kek) not in message  # never the stored one
     assert dump(dsn) == before
     # the previous KEK restored: it goes on
-    res = Engine(dsn, app.cfg, new, actor="rekey", previous=[wrong, app.kek]).execute(
+    res = Engine(dsn, app.cfg, keks(new, wrong, app.kek), actor="rekey").execute(
         REKEY, ONLINE)
     assert res.rekeyed == (1,)
     assert _independent_read(app, new) == app.expected[app.target]
@@ -151,10 +152,10 @@ def _hsm_kek(softhsm: SoftHSM) -> tuple[Pkcs11Kek, str]:
 def test_secret_to_pkcs11_and_back(dsn: str, softhsm: SoftHSM) -> None:
     app = make_app(dsn, 300, legacy_every=5)
     hsm, label = _hsm_kek(softhsm)
-    assert hsm.raw() is None
+    assert hsm.legacy_key() is None
     assert softhsm.inspect_key(label)["VALUE"].startswith("refused")  # never leaves the token
 
-    res = Engine(dsn, app.cfg, hsm, actor="to-hsm", previous=[app.kek]).execute(REKEY, ONLINE)
+    res = Engine(dsn, app.cfg, keks(hsm, app.kek), actor="to-hsm").execute(REKEY, ONLINE)
     assert res.rekeyed == (1,)
     with psycopg.connect(dsn) as conn:
         assert {k.kek_fingerprint for k in KeyStore(app.cfg).list_keys(conn)} == {
@@ -162,15 +163,15 @@ def test_secret_to_pkcs11_and_back(dsn: str, softhsm: SoftHSM) -> None:
     assert inspection.snapshot(dsn, app.cfg).legacy_count == 0  # moved before the switch
     _assert_opens_nothing(app, app.kek)
     # the HSM key alone now rotates, and reads and writes through the library
-    assert Engine(dsn, app.cfg, hsm, actor="hsm").rotate(2, ONLINE).performed
-    assert inspection.verify(dsn, app.cfg, hsm).ok
+    assert Engine(dsn, app.cfg, keks(hsm), actor="hsm").rotate(2, ONLINE).performed
+    assert inspection.verify(dsn, app.cfg, keks(hsm)).ok
     with Encryptor(app_dsn(dsn), hsm) as enc:
         ring = enc.ring
         got = {i: ring.decrypt(v, k) for i, (v, k) in read_rows(dsn, app.target).items()}
     assert got == app.expected[app.target]
 
     back = crypto.new_key()
-    res = Engine(dsn, app.cfg, back, actor="from-hsm", previous=[hsm]).execute(REKEY, ONLINE)
+    res = Engine(dsn, app.cfg, keks(back, hsm), actor="from-hsm").execute(REKEY, ONLINE)
     assert res.rekeyed == (1, 2)
     assert _independent_read(app, back) == app.expected[app.target]
 
@@ -185,8 +186,8 @@ def test_a_pkcs11_kek_refuses_to_start_while_legacy_rows_need_the_raw_kek(
     cfg = StoreConfig([Target("secrets")])
     hsm, _ = _hsm_kek(softhsm)
     before = dump(dsn)
-    for call in (lambda: Engine(dsn, cfg, hsm, actor="hsm").initialise(1),
-                 lambda: Engine(dsn, cfg, hsm, actor="hsm").rotate(2, ONLINE)):
+    for call in (lambda: Engine(dsn, cfg, keks(hsm), actor="hsm").initialise(1),
+                 lambda: Engine(dsn, cfg, keks(hsm), actor="hsm").rotate(2, ONLINE)):
         with pytest.raises(LegacyNeedsRawKek) as info:
             call()
         assert info.value.reason == "LegacyRowsNeedRawKEK"
@@ -194,7 +195,7 @@ def test_a_pkcs11_kek_refuses_to_start_while_legacy_rows_need_the_raw_kek(
     assert dump(dsn) == before
     # With the Secret KEK as a previous one, the first rotation moves them and the HSM
     # key takes over.
-    eng = Engine(dsn, cfg, hsm, actor="hsm", previous=[kek])
+    eng = Engine(dsn, cfg, keks(hsm, kek), actor="hsm")
     assert eng.rotate(2, ONLINE).performed
     with Encryptor(app_dsn(dsn), hsm) as enc:
         got = {i: enc.decrypt(v, k) for i, (v, k) in read_rows(dsn, Target("secrets")).items()}
@@ -232,9 +233,9 @@ def test_the_library_reads_and_writes_through_a_pkcs11_kek_during_a_rekey(
     writer = threading.Thread(target=application, daemon=True)
     writer.start()
     time.sleep(0.5)
-    res = Engine(dsn, app.cfg, hsm, actor="to-hsm", previous=[app.kek]).execute(REKEY, ONLINE)
+    res = Engine(dsn, app.cfg, keks(hsm, app.kek), actor="to-hsm").execute(REKEY, ONLINE)
     time.sleep(0.5)
-    Engine(dsn, app.cfg, hsm, actor="hsm").rotate(2, ONLINE)  # and a rotation after it
+    Engine(dsn, app.cfg, keks(hsm), actor="hsm").rotate(2, ONLINE)  # and a rotation after it
     time.sleep(0.5)
     stop.set()
     writer.join(30)

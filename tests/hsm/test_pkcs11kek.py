@@ -145,7 +145,7 @@ def test_generated_key_is_not_extractable(softhsm: SoftHSM, open_kek: OpenKek,
     assert flags["SENSITIVE"] and flags["ALWAYS_SENSITIVE"]
     assert not flags["EXTRACTABLE"] and flags["NEVER_EXTRACTABLE"]
     kek = open_kek(generated)
-    assert kek.raw() is None
+    assert kek.legacy_key() is None
     assert kek.extractable is False
 
 

@@ -159,3 +159,20 @@ def test_mode_must_be_known(mode: Any) -> None:
         RotationOptions(mode=mode)
     assert RotationOptions(mode="Atomic").mode == "Atomic"
     assert RotationOptions().mode == "Online"
+
+
+def test_one_retention_rule_for_the_operator_and_the_cli() -> None:
+    from datetime import timedelta
+
+    from rotation_operator.policy.config import MIN_RETENTION_DAYS, retention_from_days
+
+    ret = retention_from_days(30, MIN_RETENTION_DAYS)
+    assert (ret.disable_after, ret.destroy_after) == (timedelta(days=30), timedelta(days=7))
+    with pytest.raises(ConfigError, match=r"^retention.disableAfterDays 6 is below 7 days"):
+        retention_from_days(6, 30)
+    with pytest.raises(ConfigError, match=r"^retention.destroyAfterDays True is below"):
+        retention_from_days(30, True)
+    with pytest.raises(ConfigError, match=r"^retention.destroyAfterDays '9' is below"):
+        retention_from_days(30, "9")
+    with pytest.raises(ConfigError, match=r"^--destroy-after-days 36501 is more than 36500"):
+        retention_from_days(30, 36501, names=("--disable-after-days", "--destroy-after-days"))

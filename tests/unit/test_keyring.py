@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import os
+import pickle
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rotation_operator.crypto import codec as crypto
-from rotation_operator.crypto.keyring import KeyRing
+from rotation_operator.crypto.kek import SecretKek
+from rotation_operator.crypto.keyring import KeyRing, legacy_cipher
 from rotation_operator.errors import InvalidToken, UnknownKeyError
 
 KEK = os.urandom(32)
@@ -74,3 +77,43 @@ def test_repr_and_str_show_no_key_material() -> None:
         for form in (key.hex(), key.hex().upper(), base64.b64encode(key).decode(),
                      base64.urlsafe_b64encode(key).decode(), repr(key), repr(key)[2:-1]):
             assert form not in text
+
+
+def test_a_ring_pickles_to_its_material_and_reads_the_same_rows() -> None:
+    """How a ring reaches a rotation worker: the copy reads and rotates what the original
+    does, legacy rows included, and knows the same unavailable keys."""
+    original = KeyRing(5, dict(DEKS), KEK, {3: "disabled"})
+    copy = pickle.loads(pickle.dumps(original))
+    assert copy == original and copy.versions == original.versions
+    values = [crypto.encrypt(KEK, b"legacy"), crypto.encrypt(DEKS[1], b"old")]
+    rotated = copy.rotate_many(values, [None, 1])
+    assert [original.decrypt(v, 5) for v in rotated] == [b"legacy", b"old"]
+    with pytest.raises(UnknownKeyError, match="disabled"):
+        copy.decrypt(values[1], 3)
+
+
+def test_a_ring_of_keks_reads_legacy_rows_only_with_bytes_it_may_hold() -> None:
+    kek, other = SecretKek(KEK), SecretKek(os.urandom(32))
+    with_legacy = KeyRing.of(5, dict(DEKS), kek)
+    assert with_legacy.reads_legacy and with_legacy.decrypt(
+        crypto.encrypt(KEK, b"legacy"), None) == b"legacy"
+    assert with_legacy.reads_legacy_as(kek) and not with_legacy.reads_legacy_as(other)
+    without = KeyRing.of(5, dict(DEKS), None)
+    assert not without.reads_legacy and not without.reads_legacy_as(kek)
+    with pytest.raises(UnknownKeyError, match="legacy row"):
+        without.decrypt(crypto.encrypt(KEK, b"legacy"), None)
+    cipher = legacy_cipher(kek)
+    assert cipher is not None and crypto.decrypt(cipher, crypto.encrypt(KEK, b"x")) == b"x"
+
+
+def test_a_kek_that_keeps_its_bytes_gives_no_legacy_cipher() -> None:
+    class Sealed:
+        fingerprint, extractable = "cmac:0000000000000000", False
+
+        def legacy_key(self) -> None:
+            return None
+
+    hsm: Any = Sealed()
+    assert legacy_cipher(hsm) is None
+    assert KeyRing.of(5, dict(DEKS), None).reads_legacy_as(hsm)
+    assert not KeyRing.of(5, dict(DEKS), SecretKek(KEK)).reads_legacy_as(hsm)

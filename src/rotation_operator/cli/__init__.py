@@ -1,5 +1,10 @@
-"""The ``rotation-operator`` command line: break-glass and non-Kubernetes use."""
+"""The ``rotation-operator`` command line: break-glass and non-Kubernetes use.
 
-from rotation_operator.cli.commands import main
+:mod:`.parser` (flags), :mod:`.commands` (one function per subcommand), :mod:`.output`
+(text and JSON), :mod:`.exits` (:class:`ExitStatus`); :func:`main` ties them together.
+"""
 
-__all__ = ["main"]
+from rotation_operator.cli.app import main
+from rotation_operator.cli.exits import ExitStatus, as_package_error
+
+__all__ = ["ExitStatus", "as_package_error", "main"]

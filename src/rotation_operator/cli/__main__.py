@@ -2,6 +2,6 @@
 
 import sys
 
-from rotation_operator.cli.commands import main
+from rotation_operator.cli import main
 
 sys.exit(main())

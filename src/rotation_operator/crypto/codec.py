@@ -23,6 +23,8 @@ import hashlib
 import hmac
 import os
 import struct
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,6 +40,82 @@ KEY_SIZE = 32
 OVERHEAD = len(HEADER) + NONCE_SIZE + TAG_SIZE
 _DEK_AAD_LABEL = b"rotation-operator/dek"
 _FINGERPRINT_LABEL = b"rotation-operator/kek-fingerprint/v1"
+
+
+@dataclass(frozen=True)
+class ValueLayout:
+    """Where each field of a format-v1 value sits (``docs/format.md`` §1)::
+
+        header | nonce | body (AES-GCM ciphertext, then the tag)
+
+    The one place those offsets are written down: everything else slices with
+    :attr:`nonce` and :attr:`body` (ready ``slice`` objects, as fast as literal slices in
+    a hot loop) or calls :func:`parse` and :func:`build`.
+    """
+
+    header: bytes
+    nonce_size: int
+    tag_size: int
+
+    @property
+    def nonce(self) -> slice:
+        """The nonce's bytes: ``value[layout.nonce]``."""
+        return slice(len(self.header), len(self.header) + self.nonce_size)
+
+    @property
+    def body(self) -> slice:
+        """Ciphertext and tag, as AES-GCM libraries take and return them together."""
+        return slice(len(self.header) + self.nonce_size, None)
+
+    @property
+    def overhead(self) -> int:
+        """Bytes a value has beyond its plaintext: the shortest valid value."""
+        return len(self.header) + self.nonce_size + self.tag_size
+
+    def sealed_size(self, plaintext_size: int) -> int:
+        """The length of the value of a ``plaintext_size``-byte plaintext."""
+        return plaintext_size + self.overhead
+
+
+#: Format v1: ``b"RO" 0x01 | nonce (12) | ciphertext | tag (16)``.
+V1 = ValueLayout(HEADER, NONCE_SIZE, TAG_SIZE)
+#: A wrapped DEK: a format-v1 value of exactly one key (``docs/format.md`` §2).
+WRAPPED_SIZE = V1.sealed_size(KEY_SIZE)
+#: The body of a wrapped DEK: the encrypted key and its tag.
+WRAPPED_BODY_SIZE = KEY_SIZE + TAG_SIZE
+
+
+class Sealed(NamedTuple):
+    """A format-v1 value taken apart: what AES-GCM's open takes besides key and AAD."""
+
+    nonce: bytes
+    body: bytes
+
+
+def parse(value: object, *, size: int | None = None) -> Sealed:
+    """Split a format-v1 value into nonce and body; :class:`InvalidToken` if it cannot be
+    one (not bytes, too short, another header, or not ``size`` bytes when given)."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidToken()
+    data = bytes(value)
+    if len(data) < V1.overhead or not data.startswith(V1.header) or \
+            (size is not None and len(data) != size):
+        raise InvalidToken()
+    return Sealed(data[V1.nonce], data[V1.body])
+
+
+def build(nonce: bytes, body: bytes) -> bytes:
+    """The format-v1 value of ``nonce`` and an AES-GCM ``body`` (ciphertext + tag)."""
+    if len(nonce) != V1.nonce_size:
+        raise ValueError(f"nonce must be {V1.nonce_size} bytes")
+    if len(body) < V1.tag_size:
+        raise ValueError(f"body must hold at least the {V1.tag_size}-byte tag")
+    return V1.header + bytes(nonce) + bytes(body)
+
+
+def associated_data(aad: bytes = b"") -> bytes:
+    """The AES-GCM associated data of a value: its header, then ``aad``."""
+    return V1.header + aad
 
 
 def new_key() -> bytes:
@@ -66,20 +144,15 @@ def encrypt(key: bytes | AESGCM, plaintext: bytes, *, aad: bytes = b"",
     elif len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
     aead = key if isinstance(key, AESGCM) else _aead(key)
-    return HEADER + nonce + aead.encrypt(nonce, bytes(plaintext), HEADER + aad)
+    return build(nonce, aead.encrypt(nonce, bytes(plaintext), associated_data(aad)))
 
 
 def decrypt(key: bytes | AESGCM, value: bytes, *, aad: bytes = b"") -> bytes:
     """Decrypt a format-v1 value; raise :class:`InvalidToken` for any failure."""
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise InvalidToken()
-    data = bytes(value)
-    if len(data) < OVERHEAD or data[: len(HEADER)] != HEADER:
-        raise InvalidToken()
+    sealed = parse(value)
     aead = key if isinstance(key, AESGCM) else _aead(key)
-    nonce = data[len(HEADER) : len(HEADER) + NONCE_SIZE]
     try:
-        return aead.decrypt(nonce, data[len(HEADER) + NONCE_SIZE :], HEADER + aad)
+        return aead.decrypt(sealed.nonce, sealed.body, associated_data(aad))
     except InvalidTag:
         raise InvalidToken() from None
 
@@ -90,10 +163,16 @@ def _aead(key: bytes) -> AESGCM:
 
 
 def dek_aad(version: int) -> bytes:
-    """Associated data binding a wrapped DEK to its key version."""
+    """Extra associated data binding a wrapped DEK to its key version (after the header:
+    see :func:`wrap_aad`)."""
     if not 0 < version < 2**31:
         raise ValueError("key version must be a positive 32-bit integer")
     return _DEK_AAD_LABEL + struct.pack(">I", version)
+
+
+def wrap_aad(version: int) -> bytes:
+    """The full AES-GCM associated data of the wrapped DEK of ``version``."""
+    return associated_data(dek_aad(version))
 
 
 def wrap_dek(kek: bytes, dek: bytes, version: int, *, nonce: bytes | None = None) -> bytes:

@@ -1,8 +1,11 @@
 """Key-encryption keys behind one small interface: a Secret's bytes, or a key in an HSM.
 
 Why an interface: the engine needs only five things of a KEK: a public name (its
-fingerprint), ``wrap`` and ``unwrap`` of a DEK bound to its version, whether its raw bytes
-exist (legacy rows were encrypted with them directly), and a description for messages.  A
+fingerprint), ``wrap`` and ``unwrap`` of a DEK bound to its version, whether its bytes
+exist (legacy rows were encrypted with them directly), and a description for messages.
+The bytes themselves leave a KEK through one method only, :meth:`Kek.legacy_key`, and only
+:mod:`.keyring` calls it: legacy rows are format-v1 values under the KEK itself, so the
+ring that reads them needs the key as a cipher key.  A
 key held in memory (:class:`SecretKek`) does them in software (:mod:`.crypto`); a PKCS#11
 token does them itself (:mod:`.pkcs11kek`), so the KEK never leaves it.  A cloud KMS fits
 the same shape: ``wrap``/``unwrap`` become remote ``Encrypt``/``Decrypt`` calls with the
@@ -31,7 +34,7 @@ class Kek(Protocol):
 
     @property
     def extractable(self) -> bool:
-        """Whether :meth:`raw` gives the key's bytes (needed for legacy rows)."""
+        """Whether :meth:`legacy_key` gives the key's bytes (needed for legacy rows)."""
         ...
 
     def describe(self) -> str:
@@ -47,8 +50,9 @@ class Kek(Protocol):
         key did not wrap it."""
         ...
 
-    def raw(self) -> bytes | None:
-        """The key's bytes, or None if they never leave their store."""
+    def legacy_key(self) -> bytes | None:
+        """The key's bytes as the cipher key of legacy rows (``docs/format.md`` §2), or
+        None if they never leave their store.  Called by :mod:`.keyring` only."""
         ...
 
 
@@ -81,7 +85,7 @@ class SecretKek:
     def unwrap(self, wrapped: bytes, version: int) -> bytes:
         return codec.unwrap_dek(self._key, wrapped, version)
 
-    def raw(self) -> bytes:
+    def legacy_key(self) -> bytes:
         return self._key
 
     def __repr__(self) -> str:
@@ -89,7 +93,8 @@ class SecretKek:
 
 
 def as_kek(value: bytes | Kek, source: str = "a KEK") -> Kek:
-    """A :class:`Kek` from raw bytes (the common case) or as given."""
+    """A :class:`Kek` from raw bytes or as given: for edges that accept either (the
+    application library's constructor); the engine and the store take :class:`Kek` only."""
     if isinstance(value, bytes | bytearray):
         return SecretKek(bytes(value), source)
     return value

@@ -3,10 +3,15 @@
 Pure (no I/O).  It is the shape of ``MultiFernet``: decrypt with whichever key a row names,
 encrypt with the active one, and :meth:`KeyRing.rotate` a value from the first to the
 second.  The engine and the application library both build one from the keys table.
+
+This module is the only caller of :meth:`Kek.legacy_key`: legacy rows are format-v1
+values under the KEK's own bytes.  A ring crosses to a rotation worker process by pickling
+(:meth:`KeyRing.__reduce__`), so the layers above never hold key bytes themselves.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +20,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rotation_operator.crypto import codec
+from rotation_operator.crypto.kek import Kek
 from rotation_operator.errors import InvalidToken, UnknownKeyError
+
+# The hot paths below slice with the codec's named layout, bound once here.
+_V1 = codec.V1
+_HEADER, _NONCE, _BODY, _OVERHEAD = _V1.header, _V1.nonce, _V1.body, _V1.overhead
 
 
 class BadRow(Exception):
@@ -30,13 +40,14 @@ class BadRow(Exception):
 class KeyRing:
     """Unwrapped DEKs by version, the active version, and the KEK (for legacy rows).
 
-    Instances never print key bytes: ``repr`` shows versions only.
+    Instances never print key bytes: ``repr`` shows versions only.  Build one from
+    :class:`Kek` objects with :meth:`of`.
     """
 
     active_version: int
     deks: Mapping[int, bytes] = field(repr=False)
-    #: The raw KEK for legacy rows; None when it cannot be read (a key in an HSM).
-    kek: bytes | None = field(repr=False)
+    #: The KEK's bytes, the key of legacy rows; None when they cannot be read (an HSM).
+    legacy_key: bytes | None = field(repr=False)
     #: Keys that exist but cannot decrypt: version -> state (disabled, destroyed).
     unavailable: Mapping[int, str] = field(default_factory=dict)
     _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
@@ -46,11 +57,25 @@ class KeyRing:
     def __post_init__(self) -> None:
         if self.active_version not in self.deks:
             raise ValueError(f"active DEK v{self.active_version} is not in the ring")
-        if self.kek is not None:
-            self._aeads[None] = AESGCM(self.kek)
+        if self.legacy_key is not None:
+            self._aeads[None] = AESGCM(self.legacy_key)
         for version, dek in self.deks.items():
             self._aeads[version] = AESGCM(dek)
         object.__setattr__(self, "_active", self._aeads[self.active_version])
+
+    @classmethod
+    def of(cls, active_version: int, deks: Mapping[int, bytes], legacy: Kek | None,
+           unavailable: Mapping[int, str] | None = None) -> KeyRing:
+        """A ring of unwrapped ``deks`` that reads legacy rows with ``legacy``'s bytes,
+        when it has a KEK that wraps the keys and lets them out."""
+        return cls(active_version, deks, None if legacy is None else legacy.legacy_key(),
+                   dict(unavailable or {}))
+
+    def __reduce__(self) -> tuple[type[KeyRing], tuple[object, ...]]:
+        """Pickle as the material only (the ciphers are rebuilt): how a ring reaches a
+        rotation worker, over the spawn pipe and nowhere else."""
+        return (KeyRing, (self.active_version, dict(self.deks), self.legacy_key,
+                          dict(self.unavailable)))
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -58,7 +83,16 @@ class KeyRing:
 
     @property
     def reads_legacy(self) -> bool:
-        return self.kek is not None
+        return self.legacy_key is not None
+
+    def reads_legacy_as(self, kek: Kek) -> bool:
+        """Whether legacy rows are read with ``kek``'s bytes, or, for a KEK whose bytes
+        never leave their store, whether this ring reads none: then a KEK change leaves
+        no legacy row behind under the old KEK."""
+        key = kek.legacy_key()
+        if key is None or self.legacy_key is None:
+            return key is None and self.legacy_key is None
+        return hmac.compare_digest(key, self.legacy_key)
 
     def aead(self, key_id: int | None) -> AESGCM:
         """The cipher for ``key_id`` (``None`` = the KEK, for legacy rows)."""
@@ -81,8 +115,8 @@ class KeyRing:
         """Encrypt under the active DEK; returns ``(value, key_id)`` to store together."""
         if not isinstance(plaintext, bytes):
             raise TypeError("plaintext must be bytes")
-        nonce = os.urandom(codec.NONCE_SIZE)
-        value = codec.HEADER + nonce + self._active.encrypt(nonce, plaintext, codec.HEADER)
+        nonce = os.urandom(_V1.nonce_size)
+        value = _HEADER + nonce + self._active.encrypt(nonce, plaintext, _HEADER)
         return value, self.active_version
 
     def decrypt(self, value: bytes, key_id: int | None) -> bytes:
@@ -94,10 +128,10 @@ class KeyRing:
         aead = self.aead(key_id)
         if not isinstance(value, bytes):
             return codec.decrypt(aead, value)  # memoryview etc.: the general path
-        if len(value) < codec.OVERHEAD or not value.startswith(codec.HEADER):
+        if len(value) < _OVERHEAD or not value.startswith(_HEADER):
             raise InvalidToken()
         try:
-            return aead.decrypt(value[3:15], value[15:], codec.HEADER)
+            return aead.decrypt(value[_NONCE], value[_BODY], _HEADER)
         except InvalidTag:
             raise InvalidToken() from None
 
@@ -118,10 +152,10 @@ class KeyRing:
         syscalls).  Raises :class:`BadRow` with the index of the first row that does not
         decrypt; nothing is returned for a batch with a bad row.
         """
-        header, start, overhead = codec.HEADER, len(codec.HEADER) + codec.NONCE_SIZE, \
-            codec.OVERHEAD
+        header, nonce_at, body_at, overhead = _HEADER, _NONCE, _BODY, _OVERHEAD
+        size = _V1.nonce_size
         encrypt, aeads = self._active.encrypt, self._aeads
-        nonces = os.urandom(codec.NONCE_SIZE * len(values))
+        nonces = os.urandom(size * len(values))
         out: list[bytes] = []
         append = out.append
         last: object = self  # never a key id
@@ -135,9 +169,9 @@ class KeyRing:
                     decrypt, last = aead.decrypt, key_id
                 if len(value) < overhead or not value.startswith(header):
                     raise BadRow(len(out))
-                plaintext = decrypt(value[len(header):start], value[start:], header)  # type: ignore[misc]
-                at = len(out) * codec.NONCE_SIZE
-                nonce = nonces[at:at + codec.NONCE_SIZE]
+                plaintext = decrypt(value[nonce_at], value[body_at], header)  # type: ignore[misc]
+                at = len(out) * size
+                nonce = nonces[at:at + size]
                 append(header + nonce + encrypt(nonce, plaintext, header))
         except InvalidTag:
             raise BadRow(len(out)) from None
@@ -149,3 +183,10 @@ class KeyRing:
         except (InvalidToken, UnknownKeyError):
             return False
         return True
+
+
+def legacy_cipher(kek: Kek) -> AESGCM | None:
+    """The cipher of legacy rows under ``kek`` (format v1 directly under its bytes), or
+    None when its bytes never leave their store."""
+    key = kek.legacy_key()
+    return None if key is None else AESGCM(key)

@@ -62,8 +62,6 @@ FINGERPRINT_LABEL = b"rotation-operator/kek-fingerprint/cmac/v1"
 _FINGERPRINT_PREFIX = "cmac:"
 _FINGERPRINT_HEX_CHARS = 16
 _TAG_BITS = codec.TAG_SIZE * 8
-_WRAPPED_SIZE = codec.OVERHEAD + codec.KEY_SIZE
-_BODY_START = len(codec.HEADER) + codec.NONCE_SIZE
 _REQUIRED_MECHANISMS = (Mechanism.AES_GCM, Mechanism.AES_CMAC)
 _REQUIRED_USAGE = (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN)
 
@@ -402,8 +400,8 @@ class Pkcs11Kek:
         """Always ``False``: this provider never exports the key."""
         return False
 
-    def raw(self) -> bytes | None:
-        """``None``: the key bytes stay in the token."""
+    def legacy_key(self) -> bytes | None:
+        """``None``: the key bytes stay in the token (legacy rows cannot be read with it)."""
         return None
 
     def describe(self) -> str:
@@ -426,17 +424,17 @@ class Pkcs11Kek:
             raise TypeError("dek must be bytes")
         if len(dek) != codec.KEY_SIZE:
             raise ValueError(f"dek must be {codec.KEY_SIZE} bytes, got {len(dek)}")
-        aad = codec.HEADER + codec.dek_aad(version)
+        aad = codec.wrap_aad(version)
         # Writable: some tokens (AWS CloudHSM) ignore the caller's IV and write the one they
         # generated into pIv, so what is in the buffer afterwards is the IV actually used.
-        nonce = bytearray(os.urandom(codec.NONCE_SIZE))
+        nonce = bytearray(os.urandom(codec.V1.nonce_size))
         with self._operation():
             sealed = _as_bytes(self._key.encrypt(
                 bytes(dek), mechanism=Mechanism.AES_GCM, mechanism_param=_gcm(nonce, aad)))
-        if len(sealed) != codec.KEY_SIZE + codec.TAG_SIZE:
+        if len(sealed) != codec.WRAPPED_BODY_SIZE:
             raise HSMError(f"{self._context()}: the token returned a GCM result of "
-                           f"{len(sealed)} bytes, expected {codec.KEY_SIZE + codec.TAG_SIZE}")
-        return codec.HEADER + bytes(nonce) + sealed
+                           f"{len(sealed)} bytes, expected {codec.WRAPPED_BODY_SIZE}")
+        return codec.build(bytes(nonce), sealed)
 
     def unwrap(self, wrapped: bytes, version: int) -> bytes:
         """Unwrap the DEK of ``version``; :class:`InvalidToken` if it does not authenticate.
@@ -445,20 +443,19 @@ class Pkcs11Kek:
         raise the same opaque error.  A token that cannot be reached raises :class:`HSMError`.
         """
         self._check_open()
-        aad = codec.HEADER + codec.dek_aad(version)
-        dek = self._gcm_open(_wrapped_bytes(wrapped), aad)
+        dek = self._gcm_open(codec.parse(wrapped, size=codec.WRAPPED_SIZE),
+                             codec.wrap_aad(version))
         if dek is None or len(dek) != codec.KEY_SIZE:
             raise InvalidToken()  # raised outside any except: no PKCS#11 cause attached
         return dek
 
-    def _gcm_open(self, data: bytes, aad: bytes) -> bytes | None:
+    def _gcm_open(self, sealed: codec.Sealed, aad: bytes) -> bytes | None:
         """The token's AES-GCM open of a format-v1 value, ``None`` if it does not verify."""
-        nonce = data[len(codec.HEADER):_BODY_START]
         with self._operation():
             try:
                 return _as_bytes(self._key.decrypt(
-                    data[_BODY_START:], mechanism=Mechanism.AES_GCM,
-                    mechanism_param=_gcm(nonce, aad)))
+                    sealed.body, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=_gcm(sealed.nonce, aad)))
             except p11.PKCS11Error as exc:
                 if not _is_bad_ciphertext(exc):
                     raise  # the token, not the value, failed: HSMError
@@ -490,16 +487,6 @@ class Pkcs11Kek:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def _wrapped_bytes(wrapped: object) -> bytes:
-    """The value as bytes if it can be a wrapped DEK at all, else :class:`InvalidToken`."""
-    if not isinstance(wrapped, bytes | bytearray | memoryview):
-        raise InvalidToken()
-    data = bytes(wrapped)
-    if len(data) != _WRAPPED_SIZE or data[: len(codec.HEADER)] != codec.HEADER:
-        raise InvalidToken()
-    return data
 
 
 @contextmanager

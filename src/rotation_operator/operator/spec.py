@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from rotation_operator.errors import ConfigError
 from rotation_operator.policy.config import (
-    MAX_DURATION,
+    MIN_RETENTION_DAYS,
     RotationOptions,
     StoreConfig,
     Target,
     key_age,
     parse_duration,
+    retention_from_days,
 )
 from rotation_operator.policy.decisions import Request, RequestKind, Retention
-from rotation_operator.rotation.lifecycle import MIN_DAYS
 
 #: maxEncryptionsPerKey by default: 2^30, a quarter of NIST SP 800-38D's 2^32 bound for
 #: random 96-bit nonces under one key.
@@ -94,18 +94,8 @@ class Policy:
         ret = self.spec.get("retention")
         if not ret:
             return None
-        days = {}
-        for field in ("disableAfterDays", "destroyAfterDays"):
-            value = ret.get(field, MIN_DAYS)
-            if not isinstance(value, int) or isinstance(value, bool) or value < MIN_DAYS:
-                raise ConfigError(f"retention.{field} {value!r} is below {MIN_DAYS} days: a key "
-                                  "destroyed early cannot be brought back")
-            if value > MAX_DURATION.days:
-                raise ConfigError(f"retention.{field} {value} is more than "
-                                  f"{MAX_DURATION.days} days")
-            days[field] = value
-        return Retention(timedelta(days=days["disableAfterDays"]),
-                         timedelta(days=days["destroyAfterDays"]))
+        return retention_from_days(ret.get("disableAfterDays", MIN_RETENTION_DAYS),
+                                   ret.get("destroyAfterDays", MIN_RETENTION_DAYS))
 
     def store_config(self) -> StoreConfig:
         db = self.spec.get("database") or {}

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from rotation_operator.crypto import codec
-from rotation_operator.crypto.kek import Kek, SecretKek
+from rotation_operator.crypto import sources
+from rotation_operator.crypto.kek import Kek
 from rotation_operator.errors import (
     AccessDenied,
     ConfigError,
@@ -184,10 +184,8 @@ def _kek(policy: Policy, source: Mapping[str, Any], where: str, weak: list[str])
     if ref.get("name"):
         key = ref.get("key", "kek")
         raw = kube.read_secret(ns, ref["name"], key, "KEK")
-        described = f"Secret {ns}/{ref['name']} key {key}"
-        if codec.kek_looks_like_text(raw):
-            weak.append(described)
-        return SecretKek(codec.parse_kek(raw, described), described)
+        return sources.secret_kek(raw, f"Secret {ns}/{ref['name']} key {key}",
+                                  on_weak=weak.append)
     hsm = source.get("pkcs11") or {}
     pin_ref = hsm.get("pinSecretRef") or {}
     if not (hsm.get("module") and hsm.get("tokenLabel") and hsm.get("keyLabel")
@@ -195,10 +193,7 @@ def _kek(policy: Policy, source: Mapping[str, Any], where: str, weak: list[str])
         raise ConfigError(f"{where} needs secretRef.name, or pkcs11 with module, tokenLabel, "
                           "keyLabel and pinSecretRef.name")
     pin = kube.read_secret(ns, pin_ref["name"], pin_ref.get("key", "pin"), "HSM PIN")
-    from rotation_operator.crypto.pkcs11 import (
-        Pkcs11Kek,  # the PKCS#11 binding only where it is used
-    )
-    return Pkcs11Kek(hsm["module"], hsm["tokenLabel"], hsm["keyLabel"], pin.strip())
+    return sources.pkcs11_kek(hsm["module"], hsm["tokenLabel"], hsm["keyLabel"], pin)
 
 
 def referenced_secrets(policy: Policy) -> list[str]:
@@ -276,8 +271,7 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
                writer: StatusWriter, dsn: str, keks: Keks, cfg: StoreConfig,
                options: RotationOptions) -> str:
     desired = policy.desired
-    engine = Engine(dsn, cfg, keks.current, actor=policy.actor, owner=policy.owner,
-                    previous=keks.previous)
+    engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner)
     request = policy.request()
     result: RotationResult | None = None
     with policy_lock(policy):
@@ -480,8 +474,8 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         if transient:
             dsn, keks = read_secrets(policy)
             try:
-                prepared = Engine(dsn, cfg, keks.current, actor=policy.actor,
-                                  owner=policy.owner, previous=keks.previous).prepare()
+                prepared = Engine(dsn, cfg, keks.all, actor=policy.actor,
+                                  owner=policy.owner).prepare()
             finally:
                 keks.close()
             healed = failing and prepared.state.served is not None and \
@@ -577,8 +571,7 @@ def _lifecycle(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig, sna
 def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) -> Snapshot:
     """Move rows under retired keys onto the active key, and say so."""
     dsn, keks = read_secrets(policy)
-    engine = Engine(dsn, cfg, keks.current, actor=policy.actor, owner=policy.owner,
-                    previous=keks.previous)
+    engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner)
     labels = (policy.namespace, policy.name)
     metrics.rotation_started(*labels)
     try:

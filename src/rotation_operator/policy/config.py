@@ -13,9 +13,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rotation_operator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rotation_operator.policy.decisions import Retention
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 #: The keys table name is shorter so derived names (``<keys>_audit``…) still fit 63 bytes.
@@ -241,6 +244,34 @@ def key_age(text: object) -> timedelta:
     if age < MIN_KEY_AGE:
         raise ConfigError(f"maxKeyAge {text!r} is shorter than {MIN_KEY_AGE.seconds}s")
     return age
+
+
+#: The shortest retention period, in days: a key destroyed early cannot be brought back.
+MIN_RETENTION_DAYS = 7
+#: What :func:`retention_from_days` calls the two periods, unless told otherwise.
+RETENTION_FIELDS = ("retention.disableAfterDays", "retention.destroyAfterDays")
+
+
+def retention_days(value: object, what: str) -> int:
+    """A retention period in whole days, ``MIN_RETENTION_DAYS`` to 100 years."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < MIN_RETENTION_DAYS:
+        raise ConfigError(f"{what} {value!r} is below {MIN_RETENTION_DAYS} days: a key "
+                          "destroyed early cannot be brought back")
+    if value > MAX_DURATION.days:
+        raise ConfigError(f"{what} {value} is more than {MAX_DURATION.days} days")
+    return value
+
+
+def retention_from_days(disable_after: object, destroy_after: object, *,
+                        names: tuple[str, str] = RETENTION_FIELDS) -> Retention:
+    """The one retention rule (a policy's ``spec.retention``, the CLI's ``keys plan``):
+    retired keys with no row for ``disable_after`` days are disabled, and destroyed
+    ``destroy_after`` days later; ``names`` say where each number came from."""
+    from rotation_operator.policy.decisions import Retention  # decisions imports this module
+
+    disable = retention_days(disable_after, names[0])
+    destroy = retention_days(destroy_after, names[1])
+    return Retention(timedelta(days=disable), timedelta(days=destroy))
 
 
 def targets_from_spec(items: Iterable[Mapping[str, Any]]) -> list[Target]:

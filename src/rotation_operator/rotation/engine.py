@@ -42,7 +42,7 @@ from typing import Any
 from psycopg import sql
 
 from rotation_operator import faults
-from rotation_operator.crypto.kek import Kek, as_kek
+from rotation_operator.crypto.kek import Kek
 from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.errors import (
     DatabaseForbidden,
@@ -169,19 +169,22 @@ class _Claim:
 
 
 class Engine:
-    """Key management for one keys table and its targets, given a DSN and the KEK.
+    """Key management for one keys table and its targets, given a DSN and the KEKs: the
+    current one first, then the previous ones a rekey may still need.
 
     ``owner`` names who the targets are recorded for (a policy's ``namespace/name``);
     ``None`` (the CLI) may use a keys table only with the targets it already covers.
     """
 
-    def __init__(self, dsn: str, cfg: StoreConfig, kek: bytes | Kek, *, actor: str,
-                 owner: str | None = None, previous: Sequence[bytes | Kek] = ()):
+    def __init__(self, dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *, actor: str,
+                 owner: str | None = None):
+        if not keks:
+            raise ValueError("an Engine needs the current KEK (keks[0])")
         self.dsn = dsn
         self.cfg = cfg
         self.store = KeyStore(cfg)
-        self._kek = as_kek(kek, "the KEK")
-        self._previous = [as_kek(p, f"previous KEK {i + 1}") for i, p in enumerate(previous)]
+        self._kek = keks[0]
+        self._previous = list(keks[1:])
         self.actor = actor
         self.owner = owner
 
@@ -534,7 +537,8 @@ class _Run:
         wrap checked before it is written.  Idempotent and crash-safe: the stored
         fingerprints say what is left."""
         current = self.e._kek
-        if current.raw() != self.ring.kek and has_legacy_rows(self.conn, self.layouts):
+        if not self.ring.reads_legacy_as(current) and has_legacy_rows(self.conn,
+                                                                      self.layouts):
             if not self.ring.reads_legacy:
                 raise_legacy_needs_raw(current)
             log.info("moving legacy rows onto DEK v%s before the KEK changes",

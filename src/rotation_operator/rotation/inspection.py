@@ -247,7 +247,7 @@ class VerifyReport:
         return not self.failures and self.audit_error is None and not self.retired
 
 
-def verify(dsn: str, cfg: StoreConfig, kek: bytes | Kek | Sequence[Kek], *,
+def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
            max_failures: int = 100) -> VerifyReport:
     """Decrypt every row of every target, find rows under retired keys, and check the
     audit chain; writes nothing."""
@@ -257,7 +257,7 @@ def verify(dsn: str, cfg: StoreConfig, kek: bytes | Kek | Sequence[Kek], *,
         layouts = _layouts(conn, store)
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            ring = store.load_ring(conn, kek)
+            ring = store.load_ring(conn, keks)
             records = store.rotation_records(conn)
             stale_keys = _stale_keys(store.list_keys(conn), records)
             for layout in layouts:

@@ -27,7 +27,7 @@ from psycopg import sql
 
 from rotation_operator import faults
 from rotation_operator.errors import KeyInUse, KeyStateError
-from rotation_operator.policy.config import StoreConfig
+from rotation_operator.policy.config import MIN_RETENTION_DAYS, StoreConfig
 from rotation_operator.policy.decisions import (
     KeyView,
     Retention,
@@ -43,7 +43,7 @@ from rotation_operator.store.locks import RotationLock, in_flight, wait_for
 
 log = logging.getLogger(__name__)
 #: The shortest waiting periods: early destruction is the one failure nobody can recover.
-MIN_DAYS = 7
+MIN_DAYS = MIN_RETENTION_DAYS
 #: Seconds a step waits for transactions in flight at its check before it is refused.
 BARRIER_SECONDS = 60.0
 

@@ -372,9 +372,9 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan
     them, each only once the gate lets it: the limits hold over all workers together.
     """
     ctx = mp.get_context("spawn")
-    # The unwrapped keys travel to the workers over the spawn pipe (never a log or an
-    # argument): a KEK in an HSM cannot be handed to another process at all.
-    material = (ring.active_version, dict(ring.deks), ring.kek)
+    # The ring travels to the workers over the spawn pipe (never a log or an argument), as
+    # the key material it pickles to (KeyRing.__reduce__): its unwrapped DEKs, and the
+    # KEK's bytes only if it reads legacy rows (an HSM's KEK cannot leave it at all).
     results: Any = ctx.Queue()
     tasks: Any = ctx.Queue()
     pending = iter(pl.ranges())
@@ -397,7 +397,7 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan
         for _ in range(workers):
             tasks.put(None)
     procs = [ctx.Process(target=_worker, daemon=True, name=f"rotation-worker-{i}",
-                         args=(dsn, cfg, work, material, pl, timeouts, tasks, os.getpid(),
+                         args=(dsn, cfg, work, ring, pl, timeouts, tasks, os.getpid(),
                                results))
              for i in range(workers)]
     for p in procs:
@@ -434,14 +434,13 @@ def run_parallel(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan
         tasks.close()
 
 
-def _worker(dsn: str, cfg: StoreConfig, work: Work,
-            material: tuple[int, dict[int, bytes], bytes | None], pl: Plan, timeouts: Timeouts,
-            tasks: Any, parent: int, results: Any) -> None:
+def _worker(dsn: str, cfg: StoreConfig, work: Work, ring: KeyRing, pl: Plan,
+            timeouts: Timeouts, tasks: Any, parent: int, results: Any) -> None:
     try:
         store = KeyStore(cfg)
         with db_errors(), connect(dsn, application_name="rotation-operator-worker",
                                   timeouts=timeouts) as conn:
-            mover = BatchMover(work, KeyRing(*material), store)
+            mover = BatchMover(work, ring, store)
 
             def report(moved: int, legacy: int, read: int, blocked: int) -> None:
                 results.put(("batch", moved, legacy, read, blocked))

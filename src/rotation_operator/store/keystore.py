@@ -32,7 +32,7 @@ from psycopg.types.json import Jsonb
 from rotation_operator.crypto import codec
 from rotation_operator.crypto import kek as kek_mod
 from rotation_operator.crypto.kek import Kek
-from rotation_operator.crypto.keyring import KeyRing
+from rotation_operator.crypto.keyring import KeyRing, legacy_cipher
 from rotation_operator.errors import (
     ForeignKeyIds,
     InvalidToken,
@@ -412,7 +412,7 @@ class KeyStore:
                     "it was edited by hand: restore it from backup")
             return False
 
-    def load_ring(self, conn: Conn, keks: Kek | bytes | Sequence[Kek], *,
+    def load_ring(self, conn: Conn, keks: Sequence[Kek], *,
                   disabled: bool = False) -> KeyRing:
         """Unwrap every stored DEK with whichever presented KEK wrapped it (the current
         one, or a previous one during a rekey); fail closed with :class:`KekMismatchError`.
@@ -422,7 +422,7 @@ class KeyStore:
         would let a guessed, low-entropy KEK be checked offline).  The ring reads legacy
         rows with the raw bytes of the KEK that wraps the keys, when they can be read.
         """
-        presented = _keks(keks)
+        presented = list(keks)
         every = self.list_keys(conn)
         # Disabled keys stay out of rings (unless a rekey must rewrap them); destroyed
         # ones have nothing left to unwrap.
@@ -448,7 +448,7 @@ class KeyStore:
                 raise KekMismatchError(
                     f"wrapped DEK v{k.version} does not unwrap under the KEK although the "
                     "fingerprints match: the keys table was altered") from None
-        return KeyRing(active[0], deks, legacy_kek(keys, presented), unavailable)
+        return KeyRing.of(active[0], deks, legacy_kek(keys, presented), unavailable)
 
     def rewrap(self, conn: Conn, ring: KeyRing, current: Kek, actor: str) -> list[int]:
         """Wrap every DEK not yet under ``current`` with it, in the caller's transaction;
@@ -792,22 +792,14 @@ def stale_condition(layout: Layout, legacy: bool) -> sql.Composed:
     return sql.SQL("{kid} <> %(active)s").format(kid=kid)
 
 
-def legacy_kek(keys: Sequence[KeyRecord], presented: Sequence[Kek]) -> bytes | None:
-    """The raw KEK legacy rows are under: the one that wraps the keys (legacy rows are
-    moved onto a DEK before a rekey changes that), if its bytes can be read."""
+def legacy_kek(keys: Sequence[KeyRecord], presented: Sequence[Kek]) -> Kek | None:
+    """The KEK legacy rows are under: the one that wraps the keys (legacy rows are moved
+    onto a DEK before a rekey changes that), if its bytes can be read."""
     wrapping = {k.kek_fingerprint for k in keys}
     for kek in presented:
         if kek.fingerprint in wrapping and kek.extractable:
-            return kek.raw()
+            return kek
     return None
-
-
-def _keks(keks: Kek | bytes | Sequence[Kek]) -> list[Kek]:
-    if isinstance(keks, bytes | bytearray):
-        return [kek_mod.as_kek(bytes(keks))]
-    if isinstance(keks, kek_mod.Kek):
-        return [keks]
-    return list(keks)
 
 
 def check_no_key_ids(conn: Conn, layouts: Sequence[Layout], keys_table: str) -> None:
@@ -849,8 +841,8 @@ def check_legacy_kek(conn: Conn, kek: Kek, layouts: Sequence[Layout],
     wrong key, and the right KEK would be refused from then on.
     """
     tried: list[str] = []
-    raw = kek.raw()
-    if raw is None:
+    cipher = legacy_cipher(kek)
+    if cipher is None:
         if has_legacy_rows(conn, layouts):
             raise_legacy_needs_raw(kek)
         return
@@ -861,7 +853,7 @@ def check_legacy_kek(conn: Conn, kek: Kek, layouts: Sequence[Layout],
             kid=sql.Identifier(t.key_id_column), t=layout.ident)
         for row_id, value in conn.execute(q, (sample,)).fetchall():
             try:
-                codec.decrypt(raw, bytes(value))
+                codec.decrypt(cipher, bytes(value))
                 return
             except InvalidToken:
                 tried.append(f"{t.name}:{row_id}")
