@@ -15,6 +15,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.fix_cluster",
     "tests.fixtures.fix_db",
+    "tests.fixtures.fix_faults",
     "tests.fixtures.fix_operator",
     "tests.fixtures.fix_hsm",
     "tests.fixtures.fix_prometheus",
