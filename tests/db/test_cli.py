@@ -8,7 +8,7 @@ import pytest
 
 from rotation_operator.crypto import codec as crypto
 from rotation_operator.policy.config import Target
-from tests.db.apptable import create_table, fill, make_app, run_cli
+from tests.fixtures.fix_app import create_table, fill, make_app, run_cli
 from tests.fixtures.roles import app_dsn
 
 

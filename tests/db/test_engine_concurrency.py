@@ -17,7 +17,7 @@ from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine, RotationResult
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     Gate,
@@ -30,7 +30,7 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
-from tests.db.apptable import in_thread as _in_thread
+from tests.fixtures.fix_app import in_thread as _in_thread
 from tests.fixtures.roles import app_dsn
 
 

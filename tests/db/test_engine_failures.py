@@ -20,7 +20,8 @@ from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
-from tests.db.apptable import (
+from tests.fixtures._env import testenv
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     App,
@@ -36,7 +37,6 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
-from tests.fixtures._env import testenv
 
 
 # -- wrong KEK -----------------------------------------------------------------------------

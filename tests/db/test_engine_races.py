@@ -16,7 +16,7 @@ import psycopg
 
 from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions
-from tests.db.apptable import App, make_app, plaintext_for, read_rows
+from tests.fixtures.fix_app import App, make_app, plaintext_for, read_rows
 from tests.fixtures.fix_faults import FaultHook
 from tests.fixtures.roles import app_dsn
 

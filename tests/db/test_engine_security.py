@@ -26,7 +26,7 @@ from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store import audit
 from rotation_operator.store.keystore import KeyStore
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     PLAINTEXT_PREFIX,
@@ -108,7 +108,7 @@ def test_valid_names_that_need_quoting_cannot_inject(dsn: str) -> None:
     kek = crypto.new_key()
     eng = Engine(dsn, cfg, kek, actor="t")
     eng.initialise()
-    from tests.db.apptable import decrypt_all, fill, load_ring
+    from tests.fixtures.fix_app import decrypt_all, fill, load_ring
 
     expected = fill(dsn, target, kek, 300, ring=load_ring(dsn, cfg, kek))
     eng.rotate(2, ONLINE)

@@ -34,7 +34,7 @@ from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     DSN_ENV,
     KEK_ENV,

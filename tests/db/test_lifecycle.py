@@ -17,7 +17,7 @@ from rotation_operator.policy.decisions import Request, Retention
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.lifecycle import Lifecycle
 from rotation_operator.store.keystore import KeyStore
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ONLINE,
     App,
     audit_events,
