@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = [
+    "tests.fixtures.fix_app",
     "tests.fixtures.fix_cluster",
     "tests.fixtures.fix_db",
     "tests.fixtures.fix_faults",

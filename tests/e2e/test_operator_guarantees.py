@@ -17,7 +17,9 @@ from psycopg import sql
 
 from rotation_operator.crypto import codec as crypto
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import Target
 from tests.fixtures import roles
+from tests.fixtures.fix_app import create_table
 from tests.fixtures.fix_cluster import Kubectl
 from tests.fixtures.fix_operator import (
     ENCPOL,
@@ -117,9 +119,7 @@ def test_two_policies_on_one_keys_table_with_different_targets(
     app = make_app(namespace, dsn, rows=50, legacy=10)
     start_operator([namespace])
     app.wait_condition("Ready", "True")
-    with psycopg.connect(roles.app_dsn(dsn), autocommit=True) as conn:
-        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, value bytea, key_id int)")
-        roles.grant_target(conn, sql.Identifier("orders"))
+    create_table(dsn, Target("orders"))
     before = app.db_state()
     other = app.policy_manifest(version=1)
     other["metadata"]["name"] = "orders"
