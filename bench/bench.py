@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "hack" / "testenv"))
 
 import psycopg  # noqa: E402
 
-from rotation_operator import crypto  # noqa: E402
+from rotation_operator.crypto import codec as crypto  # noqa: E402
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target  # noqa: E402
 from rotation_operator.store.keystore import KeyStore  # noqa: E402
 
@@ -186,7 +186,7 @@ def library(dsn: str, n: int) -> tuple[float, float]:
 
 # -- operator latency -------------------------------------------------------------------
 def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
-    import testenv  # type: ignore[import-not-found]
+    import testenv
     from kubernetes import client, config, watch
 
     state = Path(tempfile.mkdtemp(prefix="bench-cp-"))
@@ -220,20 +220,22 @@ def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
             except subprocess.CalledProcessError:
                 time.sleep(0.5)
         k("-n", "bench", "wait", "encpol/app", "--for=condition=Ready", "--timeout=60s")
-        config.load_kube_config(str(cp.kubeconfig))
+        # The client's config and watch modules carry no annotations (no stubs either).
+        config.load_kube_config(str(cp.kubeconfig))  # type: ignore[no-untyped-call]
         api = client.CustomObjectsApi()
         seen: list[tuple[float, dict[str, Any]]] = []
         stop = threading.Event()
 
         def watcher() -> None:
-            w = watch.Watch()
+            w = watch.Watch()  # type: ignore[no-untyped-call]
             try:
-                for ev in w.stream(api.list_namespaced_custom_object, "rotation-operator.io",
-                                   "v1alpha1", "bench", "encryptionpolicies",
-                                   field_selector="metadata.name=app", timeout_seconds=600):
+                for ev in w.stream(  # type: ignore[no-untyped-call]
+                        api.list_namespaced_custom_object, "rotation-operator.io", "v1alpha1",
+                        "bench", "encryptionpolicies", field_selector="metadata.name=app",
+                        timeout_seconds=600):
                     seen.append((time.perf_counter(), ev["object"]))
                     if stop.is_set():
-                        w.stop()
+                        w.stop()  # type: ignore[no-untyped-call]
             except Exception:  # the plane stopping ends the stream: done
                 if not stop.is_set():
                     raise
@@ -628,7 +630,7 @@ def main() -> int:
     if args.quick:
         args.sizes, args.repeat, args.naive_rows = [64], 1, 5_000
         args.impact_rows, args.idle_seconds = 50_000, 3.0
-    import testenv  # type: ignore[import-not-found]
+    import testenv
 
     pg_dir = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     pg_dir.chmod(0o755)  # the postgres OS user must traverse it

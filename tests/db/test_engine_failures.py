@@ -7,6 +7,8 @@ at the named point."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 import pytest
 
@@ -382,8 +384,10 @@ def test_wrong_kek_on_a_fresh_database_of_legacy_rows_creates_nothing(dsn: str) 
     before = dump(dsn)
     cfg = StoreConfig([target])
     wrong = crypto.new_key()
-    for call in (lambda e: e.initialise(policy_version=1), lambda e: e.rotate(2, ONLINE),
-                 lambda e: e.rotate(2, ATOMIC)):
+    calls: list[Callable[[Engine], object]] = [
+        lambda e: e.initialise(policy_version=1), lambda e: e.rotate(2, ONLINE),
+        lambda e: e.rotate(2, ATOMIC)]
+    for call in calls:
         with pytest.raises(KekMismatchError, match="legacy row") as info:
             call(Engine(dsn, cfg, wrong, actor="test"))
         assert "secrets" in str(info.value)

@@ -178,8 +178,10 @@ def test_a_late_writer_at_library_defaults_ends_under_the_active_key(
         with Encryptor(app_dsn, app.kek) as enc, psycopg.connect(app_dsn) as writer:
             enc.encrypt(b"warm")
             app.patch_spec({"version": version})
-            eventually(lambda v=version: app.active_version() == v, timeout=30, interval=0.02,
-                       what=f"key v{version}")
+            def active(v: int = version) -> bool:
+                return app.active_version() == v
+
+            eventually(active, timeout=30, interval=0.02, what=f"key v{version}")
             plain = f"app-secret-late-{version}".encode()
             value, kid = enc.encrypt(plain)
             writer.execute("INSERT INTO secrets VALUES (%s, %s, %s)", (9000 + version, value, kid))
