@@ -50,11 +50,17 @@ sys.path.insert(0, str(ROOT / "hack" / "testenv"))
 import psycopg  # noqa: E402
 
 from rotation_operator.crypto import codec as crypto  # noqa: E402
-from rotation_operator.policy.config import RotationOptions, StoreConfig, Target  # noqa: E402
+from rotation_operator.policy.config import Mode, RotationOptions, StoreConfig, Target  # noqa: E402
 from rotation_operator.store.keystore import KeyStore  # noqa: E402
 
 KEK = bytes(range(32))
 CFG = StoreConfig([Target("secrets")])
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    """The JSON object on the last line a child process printed."""
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
 
 
 def log(msg: str) -> None:
@@ -113,7 +119,7 @@ def rotate_child(dsn: str, mode: str, workers: int, batch: int, grace: float,
         [sys.executable, __file__, "_rotate", mode, str(workers), str(batch), str(grace),
          "" if max_lag is None else str(max_lag), str(max_rate)],
         env={**os.environ, "BENCH_DSN": dsn}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return _last_json(out.stdout)
 
 
 def _vm_hwm_mb() -> float:
@@ -129,7 +135,8 @@ def _rotate_main(mode: str, workers: int, batch: int, grace: float, max_lag: flo
 
     engine = Engine(os.environ["BENCH_DSN"], CFG, KEK, actor="bench")
     engine.initialise()
-    options = RotationOptions(mode=mode, batch_size=batch, vacuum=False,  # type: ignore[arg-type]
+    checked: Mode = "Atomic" if mode == "Atomic" else "Online"
+    options = RotationOptions(mode=checked, batch_size=batch, vacuum=False,
                               workers=workers, grace=grace, max_replication_lag=max_lag,
                               max_rows_per_second=max_rate)
     res = engine.rotate(None, options)
@@ -512,7 +519,7 @@ def pkcs11_figures(n: int) -> dict[str, float]:
     token's configuration is read when the library loads)."""
     out = subprocess.run([sys.executable, __file__, "_pkcs11", str(n)], capture_output=True,
                          text=True, check=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return _last_json(out.stdout)
 
 
 def _pkcs11_keygen(module: str) -> None:

@@ -38,7 +38,8 @@ def _now(dsn: str) -> datetime:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
-    return row[0]  # type: ignore[no-any-return]
+    now: datetime = row[0]
+    return now
 
 
 def _records(app: App) -> list[tuple[str, int | None, str]]:
