@@ -31,7 +31,7 @@ _MARKERS_BY_DIR = {"db": "db", "e2e": "e2e", "hsm": "hsm", "harness": "harness"}
 _MARKERS_BY_FIXTURE = {"postgres": "db", "control_plane": "e2e", "softhsm": "hsm"}
 
 
-def markers_for(item: pytest.Item) -> set[str]:
+def _markers_for(item: pytest.Item) -> set[str]:
     """The markers :func:`pytest_collection_modifyitems` gives ``item``."""
     names: set[str] = set()
     try:
@@ -49,7 +49,7 @@ def markers_for(item: pytest.Item) -> set[str]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Add the ``db``/``e2e``/``hsm``/``harness`` markers each test needs."""
     for item in items:
-        for name in sorted(markers_for(item)):
+        for name in sorted(_markers_for(item)):
             item.add_marker(name)
 
 
