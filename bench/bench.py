@@ -51,13 +51,19 @@ import psycopg  # noqa: E402
 
 from rotation_operator.crypto import codec as crypto  # noqa: E402
 from rotation_operator.crypto.kek import SecretKek  # noqa: E402
-from rotation_operator.policy.config import RotationOptions, StoreConfig, Target  # noqa: E402
+from rotation_operator.policy.config import Mode, RotationOptions, StoreConfig, Target  # noqa: E402
 from rotation_operator.store.keystore import KeyStore  # noqa: E402
 
 KEK = bytes(range(32))
 #: The engine and the store take Kek objects, current first.
 KEKS = [SecretKek(KEK, "the bench KEK")]
 CFG = StoreConfig([Target("secrets")])
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    """The JSON object on the last line a child process printed."""
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
 
 
 def log(msg: str) -> None:
@@ -116,7 +122,7 @@ def rotate_child(dsn: str, mode: str, workers: int, batch: int, grace: float,
         [sys.executable, __file__, "_rotate", mode, str(workers), str(batch), str(grace),
          "" if max_lag is None else str(max_lag), str(max_rate)],
         env={**os.environ, "BENCH_DSN": dsn}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return _last_json(out.stdout)
 
 
 def _vm_hwm_mb() -> float:
@@ -132,7 +138,8 @@ def _rotate_main(mode: str, workers: int, batch: int, grace: float, max_lag: flo
 
     engine = Engine(os.environ["BENCH_DSN"], CFG, KEKS, actor="bench")
     engine.initialise()
-    options = RotationOptions(mode=mode, batch_size=batch, vacuum=False,  # type: ignore[arg-type]
+    checked: Mode = "Atomic" if mode == "Atomic" else "Online"
+    options = RotationOptions(mode=checked, batch_size=batch, vacuum=False,
                               workers=workers, grace=grace, max_replication_lag=max_lag,
                               max_rows_per_second=max_rate)
     res = engine.rotate(None, options)
@@ -189,7 +196,7 @@ def library(dsn: str, n: int) -> tuple[float, float]:
 
 # -- operator latency -------------------------------------------------------------------
 def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
-    import testenv  # type: ignore[import-not-found]
+    import testenv
     from kubernetes import client, config, watch
 
     state = Path(tempfile.mkdtemp(prefix="bench-cp-"))
@@ -223,20 +230,22 @@ def operator_latency(pg_dsn: str, repeat: int) -> dict[str, list[float]]:
             except subprocess.CalledProcessError:
                 time.sleep(0.5)
         k("-n", "bench", "wait", "encpol/app", "--for=condition=Ready", "--timeout=60s")
-        config.load_kube_config(str(cp.kubeconfig))
+        # The client's config and watch modules carry no annotations (no stubs either).
+        config.load_kube_config(str(cp.kubeconfig))  # type: ignore[no-untyped-call]
         api = client.CustomObjectsApi()
         seen: list[tuple[float, dict[str, Any]]] = []
         stop = threading.Event()
 
         def watcher() -> None:
-            w = watch.Watch()
+            w = watch.Watch()  # type: ignore[no-untyped-call]
             try:
-                for ev in w.stream(api.list_namespaced_custom_object, "rotation-operator.io",
-                                   "v1alpha1", "bench", "encryptionpolicies",
-                                   field_selector="metadata.name=app", timeout_seconds=600):
+                for ev in w.stream(  # type: ignore[no-untyped-call]
+                        api.list_namespaced_custom_object, "rotation-operator.io", "v1alpha1",
+                        "bench", "encryptionpolicies", field_selector="metadata.name=app",
+                        timeout_seconds=600):
                     seen.append((time.perf_counter(), ev["object"]))
                     if stop.is_set():
-                        w.stop()
+                        w.stop()  # type: ignore[no-untyped-call]
             except Exception:  # the plane stopping ends the stream: done
                 if not stop.is_set():
                     raise
@@ -512,7 +521,7 @@ def pkcs11_figures(n: int) -> dict[str, float]:
     token's configuration is read when the library loads)."""
     out = subprocess.run([sys.executable, __file__, "_pkcs11", str(n)], capture_output=True,
                          text=True, check=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return _last_json(out.stdout)
 
 
 def _pkcs11_keygen(module: str) -> None:
@@ -630,7 +639,7 @@ def main() -> int:
     if args.quick:
         args.sizes, args.repeat, args.naive_rows = [64], 1, 5_000
         args.impact_rows, args.idle_seconds = 50_000, 3.0
-    import testenv  # type: ignore[import-not-found]
+    import testenv
 
     pg_dir = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     pg_dir.chmod(0o755)  # the postgres OS user must traverse it

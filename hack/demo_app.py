@@ -43,7 +43,9 @@ def main() -> int:
                                  for i in range(1, args.rows + 1)])
             print(f"seeded {args.rows} legacy rows (encrypted directly with the KEK)")
         elif args.command == "write":
-            start = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM secrets").fetchone()[0]
+            row = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM secrets").fetchone()
+            assert row is not None  # an aggregate without GROUP BY: always one row
+            start = row[0]
             with Encryptor(dsn, kek) as enc, conn.cursor() as cur:
                 rows = [(i, *enc.encrypt(plaintext(i))) for i in range(start, start + args.rows)]
                 cur.executemany("INSERT INTO secrets VALUES (%s, %s, %s)", rows)

@@ -3,18 +3,20 @@ code for every bad input, in every subcommand, never a traceback (finding 10 and
 
 from __future__ import annotations
 
+import subprocess
+
 import psycopg
 import pytest
 
 from rotation_operator.crypto import codec as crypto
 from rotation_operator.policy.config import Target
-from tests.db.apptable import create_table, fill, make_app, run_cli
+from tests.fixtures.fix_app import create_table, fill, make_app, run_cli
 from tests.fixtures.roles import app_dsn
 
 
-def _one_line_error(proc: object, code: int, reason: str) -> None:
-    stdout, stderr = proc.stdout, proc.stderr  # type: ignore[attr-defined]
-    assert proc.returncode == code, (stdout, stderr)  # type: ignore[attr-defined]
+def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, reason: str) -> None:
+    stdout, stderr = proc.stdout, proc.stderr
+    assert proc.returncode == code, (stdout, stderr)
     assert "Traceback" not in stderr and "Traceback" not in stdout
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"[{reason}]" in lines[0], \

@@ -11,7 +11,7 @@ import psycopg
 
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.lifecycle import Lifecycle
-from tests.db.apptable import ONLINE, keys, make_app
+from tests.fixtures.fix_app import ONLINE, keys, make_app
 from tests.fixtures.roles import admin_dsn, app_dsn
 
 

@@ -14,10 +14,10 @@ import pytest
 
 from rotation_operator.errors import LockHeld
 from rotation_operator.library import Encryptor
-from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
+from rotation_operator.policy.config import Mode, RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine, RotationResult
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     Gate,
@@ -30,7 +30,7 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
-from tests.db.apptable import in_thread as _in_thread
+from tests.fixtures.fix_app import in_thread as _in_thread
 from tests.fixtures.keks import keks
 from tests.fixtures.roles import app_dsn
 
@@ -74,9 +74,9 @@ def test_racing_rotators_without_a_gate(dsn: str) -> None:
     app = make_app(dsn, 1500, atomic=True)
     barrier = threading.Barrier(3)
 
-    def rotate(mode: str) -> RotationResult:
+    def rotate(mode: Mode) -> RotationResult:
         barrier.wait()
-        return app.engine().rotate(3, RotationOptions(mode=mode, batch_size=100,  # type: ignore[arg-type]
+        return app.engine().rotate(3, RotationOptions(mode=mode, batch_size=100,
                                                       vacuum=False), lock_wait=60)
 
     threads = [_in_thread(lambda m=m: rotate(m)) for m in ("Online", "Atomic", "Online")]
@@ -233,7 +233,7 @@ def test_library_ring_moves_to_the_new_key_before_a_short_rotation_finishes(
 
 
 @pytest.mark.parametrize("mode", ["Online", "Atomic"])
-def test_an_open_transaction_older_than_the_new_key_is_waited_for(dsn: str, mode: str) -> None:
+def test_an_open_transaction_older_than_the_new_key_is_waited_for(dsn: str, mode: Mode) -> None:
     """A write encrypted under the old key in a transaction that commits during the
     rotation is caught: the handover waits for the transactions in flight (in Atomic mode
     before it locks the table, so the lock then finds the row committed)."""
@@ -244,7 +244,7 @@ def test_an_open_transaction_older_than_the_new_key_is_waited_for(dsn: str, mode
         # the transaction stays open while the rotation starts
         result: dict[str, object] = {}
         t = threading.Thread(target=lambda: result.update(r=app.engine().rotate(2, RotationOptions(
-            mode=mode, batch_size=100, vacuum=False, grace=0.2))))  # type: ignore[arg-type]
+            mode=mode, batch_size=100, vacuum=False, grace=0.2))))
         t.start()
         time.sleep(1.5)
         assert t.is_alive(), "the rotation finished while an older transaction was open"

@@ -8,6 +8,7 @@ at the named point."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -24,7 +25,8 @@ from rotation_operator.policy.config import MAX_LIMIT, RotationOptions, StoreCon
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store.locks import RotationLock
-from tests.db.apptable import (
+from tests.fixtures._env import testenv
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     App,
@@ -40,7 +42,6 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
-from tests.fixtures._env import testenv
 from tests.fixtures.keks import keks
 from tests.fixtures.roles import admin_dsn
 
@@ -420,8 +421,10 @@ def test_wrong_kek_on_a_fresh_database_of_legacy_rows_creates_nothing(dsn: str) 
     before = dump(dsn)
     cfg = StoreConfig([target])
     wrong = crypto.new_key()
-    for call in (lambda e: e.initialise(policy_version=1), lambda e: e.rotate(2, ONLINE),
-                 lambda e: e.rotate(2, ATOMIC)):
+    calls: list[Callable[[Engine], object]] = [
+        lambda e: e.initialise(policy_version=1), lambda e: e.rotate(2, ONLINE),
+        lambda e: e.rotate(2, ATOMIC)]
+    for call in calls:
         with pytest.raises(KekMismatchError, match="legacy row") as info:
             call(Engine(dsn, cfg, keks(wrong), actor="test"))
         assert "secrets" in str(info.value)

@@ -1,42 +1,39 @@
 """Deterministic races between one online batch and the application (and VACUUM).
 
 A batch reads rows, re-encrypts them in Python, then updates them by ``ctid``.  These tests
-make the application act exactly in that gap, through the one seam between the two
-statements (``KeyRing.rotate_many``, wrapped so it first runs the application's step on
-its own connection).  The database is real; only the timing is forced.
+make the application act exactly in that gap, through the fault point between the two
+statements (``batch-read`` of :mod:`rotation_operator.faults`, armed to run the
+application's step on its own connection).  The database is real; only the timing is
+forced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
-import pytest
 
-from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions
-from tests.db.apptable import App, make_app, plaintext_for, read_rows
+from tests.fixtures.fix_app import App, make_app, plaintext_for, read_rows
+from tests.fixtures.fix_faults import FaultHook
 from tests.fixtures.roles import app_dsn
 
 ONLINE = RotationOptions(mode="Online", batch_size=5000, vacuum=False, grace=0.0)
 
 
-def _between_select_and_update(monkeypatch: pytest.MonkeyPatch,
-                               step: Callable[[], None]) -> list[int]:
-    """Run ``step`` once, inside the first batch, after its SELECT and before its UPDATE."""
+def _between_select_and_update(fault_hook: FaultHook, step: Callable[[], None]) -> list[int]:
+    """Run ``step`` once, inside the first batch, after its SELECT and before its UPDATE;
+    returns the list of batches that reached that point (1, 2, ...)."""
     calls: list[int] = []
-    original = KeyRing.rotate_many
 
-    def rotate_many(self: KeyRing, values: Sequence[bytes],
-                    key_ids: Sequence[int | None]) -> list[bytes]:
+    def hook() -> None:
         if not calls:
             step()
-        calls.append(len(values))
-        return original(self, values, key_ids)
+        calls.append(len(calls) + 1)
 
-    monkeypatch.setattr(KeyRing, "rotate_many", rotate_many)
+    fault_hook("batch-read", hook)
     return calls
 
 
@@ -54,22 +51,19 @@ def _write(app: App, enc: Encryptor, conn: psycopg.Connection[Any], row_id: int)
     app.expected[app.target][row_id] = pt
 
 
-@pytest.mark.skipif(not hasattr(KeyRing, "rotate_many"), reason="no batch seam to hook")
 def test_application_update_between_select_and_update_is_kept(
-        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        dsn: str, fault_hook: FaultHook) -> None:
     app = make_app(dsn, 200, legacy_every=0)
     enc = Encryptor(app_dsn(dsn), app.kek, max_age=0)
     with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
-        calls = _between_select_and_update(monkeypatch, lambda: _write(app, enc, conn, 10))
+        calls = _between_select_and_update(fault_hook, lambda: _write(app, enc, conn, 10))
         app.engine().rotate(2, ONLINE)
     enc.close()
     assert calls
     app.assert_rotated()
 
 
-@pytest.mark.skipif(not hasattr(KeyRing, "rotate_many"), reason="no batch seam to hook")
-def test_reused_line_pointer_is_not_overwritten(dsn: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reused_line_pointer_is_not_overwritten(dsn: str, fault_hook: FaultHook) -> None:
     """In the gap, the application deletes row A, VACUUM tries to free A's line pointer,
     and the application rewrites row B (same page: a HOT update), whose new version would
     take A's old ctid if VACUUM succeeded.  The batch must not write A's old plaintext into
@@ -87,7 +81,7 @@ def test_reused_line_pointer_is_not_overwritten(dsn: str,
             _write(app, enc, conn, 6)
             seen["b_ctid"] = _ctid(conn, 6)
 
-        calls = _between_select_and_update(monkeypatch, step)
+        calls = _between_select_and_update(fault_hook, step)
         app.engine().rotate(2, ONLINE)
     enc.close()
     assert calls

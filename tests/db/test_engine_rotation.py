@@ -12,7 +12,7 @@ from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     active_version,

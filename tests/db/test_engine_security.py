@@ -26,7 +26,7 @@ from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store import audit
 from rotation_operator.store.keystore import KeyStore
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,
     PLAINTEXT_PREFIX,
@@ -109,7 +109,7 @@ def test_valid_names_that_need_quoting_cannot_inject(dsn: str) -> None:
     kek = crypto.new_key()
     eng = Engine(dsn, cfg, keks(kek), actor="t")
     eng.initialise()
-    from tests.db.apptable import decrypt_all, fill, load_ring
+    from tests.fixtures.fix_app import decrypt_all, fill, load_ring
 
     expected = fill(dsn, target, kek, 300, ring=load_ring(dsn, cfg, kek))
     eng.rotate(2, ONLINE)
@@ -185,9 +185,11 @@ def test_recomputed_forged_row_breaks_the_next_link(dsn: str) -> None:
     next row (only rewriting the whole tail from there on hides an edit)."""
     app = _rotated_twice(dsn)
     with psycopg.connect(dsn) as conn:
-        seq, at, event, kv, actor, detail, prev = conn.execute(
+        row = conn.execute(
             "SELECT seq, at, event, key_version, actor, detail, prev_hash "
-            "FROM encryption_keys_audit WHERE seq = 6").fetchone()  # type: ignore[misc]
+            "FROM encryption_keys_audit WHERE seq = 6").fetchone()
+        assert row is not None
+        seq, at, event, kv, actor, detail, prev = row
         detail["re_encrypted"] = 1
         forged = audit.record_hash(bytes(prev), seq, at, event, kv, actor, detail)
         conn.execute("UPDATE encryption_keys_audit SET detail = %s, hash = %s WHERE seq = 6",
@@ -244,13 +246,14 @@ def test_no_key_or_plaintext_in_logs_errors_reprs_or_cli_output(
     # a corrupted row (online and atomic), then the repaired rotation
     with psycopg.connect(dsn) as conn:
         original = conn.execute("SELECT value FROM secrets WHERE id = 150").fetchone()
+        assert original is not None
         conn.execute("UPDATE secrets SET value = overlay(value placing '\\x00' from 35 for 1) "
                      "WHERE id = 150")
     expect_error(lambda: eng.rotate(2, ATOMIC), RowDecryptError)
     expect_error(lambda: eng.rotate(2, ONLINE), RowDecryptError)
     texts.append(repr(inspection.verify(dsn, app.cfg, keks(app.kek))))
     with psycopg.connect(dsn) as conn:
-        conn.execute("UPDATE secrets SET value = %s WHERE id = 150", (original[0],))  # type: ignore[index]
+        conn.execute("UPDATE secrets SET value = %s WHERE id = 150", (original[0],))
     texts.append(repr(eng.rotate(2, ONLINE)))
     texts.append(repr(eng.rotate(3, ATOMIC)))
     texts.append(repr(eng.initialise(policy_version=3)))

@@ -35,7 +35,7 @@ from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ATOMIC,
     DSN_ENV,
     KEK_ENV,
@@ -52,6 +52,7 @@ from tests.db.apptable import (
     read_rows,
     run_cli,
 )
+from tests.fixtures.fix_faults import FaultHook
 from tests.fixtures.keks import keks
 from tests.fixtures.roles import OPERATOR_ROLE, admin_dsn, app_dsn, grant_target
 
@@ -245,23 +246,18 @@ def test_a_ciphertext_held_across_the_rotation_is_reported_and_swept(dsn: str) -
     assert not app.engine().sweep(DEFAULTS).performed  # nothing left
 
 
-def test_atomic_with_a_writer_blocked_by_its_lock(dsn: str,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_with_a_writer_blocked_by_its_lock(dsn: str, fault_hook: FaultHook) -> None:
     """Atomic mints and announces the key before it locks: a writer blocked by the lock has
     already seen the new key, so its row is under the active key when it gets through."""
-    from rotation_operator.rotation import mover
-
     app = make_app(dsn, 400, atomic=True)
     parked, go = Gate(), Gate()
-    original = mover.BatchMover.run
 
-    def run(self: Any, *args: Any, **kw: Any) -> Any:
+    def park() -> None:
         if not parked.entered.is_set():  # first batch, inside the locked transaction
             parked.entered.set()
             assert go.release.wait(60)
-        return original(self, *args, **kw)
 
-    monkeypatch.setattr(mover.BatchMover, "run", run)
+    fault_hook("batch-read", park)
     rotation, out = in_thread(lambda: app.engine().rotate(2, ATOMIC.replace(grace=2.0)))
     assert parked.entered.wait(60)
     with Encryptor(app_dsn(dsn), app.kek) as enc, psycopg.connect(app_dsn(dsn),
@@ -625,27 +621,25 @@ def test_two_policies_racing_on_a_fresh_database_one_wins(dsn: str,
 
 
 def test_a_rotator_that_lost_its_lock_does_not_sweep_over_the_one_that_took_over(
-        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        dsn: str, fault_hook: FaultHook) -> None:
     """A finishes, stalls (a GC pause), loses its lock session; B rotates to v3; then A
     wakes for its post-finish sweep: it must not claim anything."""
-    from rotation_operator.rotation import engine as engine_mod
-
     app = make_app(dsn, 500)
-    original = engine_mod._Run._after
     calls = {"n": 0}
 
-    def stalled(self: Any) -> int:
+    def stalled() -> None:
         calls["n"] += 1
         if calls["n"] == 1:  # A's: kill its lock session and let B run to the end
             with psycopg.connect(admin_dsn(dsn), autocommit=True) as admin:  # superuser:
-                admin.execute(  # only it may end another role's session
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s",
-                    (self.lock.backend_pid,))
+                killed = admin.execute(  # only it may end another role's session
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND application_name = 'rotation-operator-lock'"
+                ).fetchall()
+            assert killed == [(True,)]
             time.sleep(1.5)  # A's heartbeat notices
             app.engine(actor="B").rotate(3, DEFAULTS.replace(grace=0.0), lock_wait=30)
-        return original(self)
 
-    monkeypatch.setattr(engine_mod._Run, "_after", stalled)
+    fault_hook("after-finish", stalled)
     res = app.engine(actor="A").rotate(2, DEFAULTS.replace(grace=0.0))
     assert res.performed and res.swept_after == 0
     with psycopg.connect(dsn) as conn:

@@ -17,7 +17,7 @@ from rotation_operator.policy.decisions import Request, Retention
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.lifecycle import Lifecycle
 from rotation_operator.store.keystore import KeyStore
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ONLINE,
     App,
     audit_events,
@@ -39,7 +39,8 @@ def _now(dsn: str) -> datetime:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
-    return row[0]  # type: ignore[no-any-return]
+    now: datetime = row[0]
+    return now
 
 
 def _records(app: App) -> list[tuple[str, int | None, str]]:

@@ -20,7 +20,7 @@ from rotation_operator.policy.decisions import Request
 from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store.keystore import KeyStore
-from tests.db.apptable import (
+from tests.fixtures.fix_app import (
     ONLINE,
     App,
     audit_events,

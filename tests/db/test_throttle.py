@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from rotation_operator.errors import DatabaseForbidden
-from tests.db.apptable import ONLINE, App, active_version, in_thread, make_app
+from tests.fixtures.fix_app import ONLINE, App, active_version, in_thread, make_app
 from tests.fixtures.roles import admin_dsn, app_dsn
 
 

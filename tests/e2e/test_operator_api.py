@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -101,7 +102,8 @@ def _policy(name: str, **spec_overrides: Any) -> dict[str, Any]:
             "metadata": {"name": name}, "spec": spec}
 
 
-def _create(kubectl: Kubectl, namespace: str, obj: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _create(kubectl: Kubectl, namespace: str, obj: dict[str, Any]
+            ) -> subprocess.CompletedProcess[str]:
     return kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False)
 
 

@@ -64,14 +64,14 @@ def test_missing_kek_secret(namespace: str, dsn: str, make_app: MakeApp,
                    message=f"KEK: Secret {namespace}/{KEK_SECRET} does not exist")
     time.sleep(SETTLE)  # the refresh timer runs meanwhile: it must not write either
     assert app.db_state() == before  # not even the key tables were created
-    assert app.condition("Ready")["reason"] == "SecretMissing"  # type: ignore[index]
+    assert app.cond("Ready")["reason"] == "SecretMissing"
     assert app.events(reason="RotationStarted") == []
     _assert_clean_log(operator)
 
     # Creating the Secret heals the policy without a spec change (the retry).
     app.set_secret(KEK_SECRET, "kek", app.kek.hex())
     obj = app.wait_condition("Ready", "True", "KeysReady")
-    assert app.condition("Degraded", obj)["status"] == "False"  # type: ignore[index]
+    assert app.cond("Degraded", obj)["status"] == "False"
     assert [(k["version"], k["state"]) for k in app.key_rows()] == [(1, "active")]
     assert app.rows() == before["rows"]  # a fresh policy records its version: no rotation
     _assert_clean_log(operator)
@@ -117,7 +117,7 @@ def test_wrong_kek(namespace: str, dsn: str, make_app: MakeApp,
     obj = _assert_failed(app, "KEKMismatch",
                          message="is not the one that wrapped DEK v1")
     # Only the presented KEK's fingerprint is named, never the right one's (an oracle).
-    message = app.condition("Ready", obj)["message"]  # type: ignore[index]
+    message = app.cond("Ready", obj)["message"]
     assert crypto.kek_fingerprint(wrong) in message
     assert crypto.kek_fingerprint(app.kek) not in message
     assert obj["status"]["observedVersion"] == 1 and obj["status"]["activeKeyVersion"] == 1
@@ -336,4 +336,4 @@ def test_undecryptable_row_stops_the_rotation_until_repaired(
     assert [k["version"] for k in app.key_rows() if k["policy_version"] == 2] == [2]
     assert app.active_version() == 2 and app.stale_count() == 0
     app.assert_intact()
-    assert app.condition("Degraded", obj)["status"] == "False"  # type: ignore[index]
+    assert app.cond("Degraded", obj)["status"] == "False"

@@ -17,7 +17,9 @@ from psycopg import sql
 
 from rotation_operator.crypto import codec as crypto
 from rotation_operator.library import Encryptor
+from rotation_operator.policy.config import Target
 from tests.fixtures import roles
+from tests.fixtures.fix_app import create_table
 from tests.fixtures.fix_cluster import Kubectl
 from tests.fixtures.fix_operator import (
     ENCPOL,
@@ -49,7 +51,7 @@ def _partial_progress(app: App) -> dict[str, Any]:
         obj = app.get()
         rot = (obj.get("status") or {}).get("rotation") or {}
         return obj if rot.get("phase") == "Running" and (rot.get("done") or 0) > 0 else None
-    return eventually(check, timeout=60, interval=0.2,  # type: ignore[no-any-return]
+    return eventually(check, timeout=60, interval=0.2,
                       what="a rotation with partial progress")
 
 
@@ -68,7 +70,7 @@ def test_paused_then_resumed_loses_nothing(namespace: str, dsn: str, make_app: M
     _partial_progress(app)
     app.patch_spec({"rotation": {"paused": True}})
     obj = app.wait_condition("Ready", "False", "Paused", timeout=30)
-    assert app.condition("Rotating", obj)["reason"] == "Paused"  # type: ignore[index]
+    assert app.cond("Rotating", obj)["reason"] == "Paused"
     assert obj["status"]["rotation"]["phase"] == "Paused"
     stale = app.stale_count()
     assert 0 < stale < 1500
@@ -117,9 +119,7 @@ def test_two_policies_on_one_keys_table_with_different_targets(
     app = make_app(namespace, dsn, rows=50, legacy=10)
     start_operator([namespace])
     app.wait_condition("Ready", "True")
-    with psycopg.connect(roles.app_dsn(dsn), autocommit=True) as conn:
-        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, value bytea, key_id int)")
-        roles.grant_target(conn, sql.Identifier("orders"))
+    create_table(dsn, Target("orders"))
     before = app.db_state()
     other = app.policy_manifest(version=1)
     other["metadata"]["name"] = "orders"
@@ -127,7 +127,7 @@ def test_two_policies_on_one_keys_table_with_different_targets(
     kubectl.apply(other)
     b = App(kubectl, namespace, "orders", dsn, app.kek, "orders", {})
     obj = b.wait_condition("Ready", "False", "KeysTableShared")
-    message = b.condition("Ready", obj)["message"]  # type: ignore[index]
+    message = b.cond("Ready", obj)["message"]
     assert f"covers public.secrets for EncryptionPolicy {namespace}/app" in message
     assert "give each application its own keysTable" in message
     b.wait_event("KeysTableShared", "Warning")
@@ -178,8 +178,10 @@ def test_a_late_writer_at_library_defaults_ends_under_the_active_key(
         with Encryptor(app_dsn, app.kek) as enc, psycopg.connect(app_dsn) as writer:
             enc.encrypt(b"warm")
             app.patch_spec({"version": version})
-            eventually(lambda v=version: app.active_version() == v, timeout=30, interval=0.02,
-                       what=f"key v{version}")
+            def active(v: int = version) -> bool:
+                return app.active_version() == v
+
+            eventually(active, timeout=30, interval=0.02, what=f"key v{version}")
             plain = f"app-secret-late-{version}".encode()
             value, kid = enc.encrypt(plain)
             writer.execute("INSERT INTO secrets VALUES (%s, %s, %s)", (9000 + version, value, kid))
@@ -221,7 +223,7 @@ def test_rows_under_a_retired_key_are_reported_then_swept(
         return obj if cond.get("reason") == "RowsUnderRetiredKey" else None
 
     obj = eventually(degraded, timeout=30, what="Degraded=True RowsUnderRetiredKey")
-    assert app.condition("Degraded", obj)["status"] == "True"  # type: ignore[index]
+    assert app.cond("Degraded", obj)["status"] == "True"
     assert obj["status"]["retiredKeyRows"] == 1 and obj["status"]["staleCount"] == 1
 
     app.patch_spec({"rotation": {"paused": False}})
@@ -229,7 +231,7 @@ def test_rows_under_a_retired_key_are_reported_then_swept(
     obj = eventually(lambda: (lambda o: o if (o["status"].get("sweep") or {}).get("rows") == 1
                               and o["status"]["retiredKeyRows"] == 0 else None)(app.get()),
                      timeout=30, what="the sweep in status")
-    assert app.condition("Degraded", obj)["status"] == "False"  # type: ignore[index]
+    assert app.cond("Degraded", obj)["status"] == "False"
     assert app.rows()[7777][0] == 2 and app.active_version() == 2
     app.assert_intact()
 
@@ -258,7 +260,7 @@ def test_status_describes_a_failed_bump_and_a_version_below_the_served_one(
     kubectl("delete", ENCPOL, app.name, "-n", namespace, "--wait=true", "--timeout=60s")
     app.apply_policy(version=2)
     obj = app.wait_condition("Ready", "False", "VersionBelowServed")
-    assert "below 4" in app.condition("Ready", obj)["message"]  # type: ignore[index]
+    assert "below 4" in app.cond("Ready", obj)["message"]
     app.patch_spec({"version": 3})  # still below
     app.wait_condition("Ready", "False", "VersionBelowServed")
     app.patch_spec({"version": 4})  # adopts the current keys, no rotation

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 
@@ -94,7 +95,7 @@ def test_status_shows_the_census_and_the_retention_dry_run(
     app.patch_spec({"version": 2, "retention": {"disableAfterDays": 7, "destroyAfterDays": 7}})
     app.wait_condition("Ready", "True", "RotationSucceeded")
 
-    def planned() -> dict | None:  # type: ignore[type-arg]
+    def planned() -> dict[str, Any] | None:
         status = app.status()
         steps = (status.get("retention") or {}).get("steps") or []
         return status if steps else None

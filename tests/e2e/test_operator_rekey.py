@@ -104,14 +104,14 @@ def test_a_previous_kek_removed_too_early_or_wrong_fails_closed(
 
     _rekey_to(app, "app-kek-2", previous=None)  # removed too early
     obj = app.wait_condition("Ready", "False", "KEKMismatch")
-    message = app.condition("Ready", obj)["message"]  # type: ignore[index]
+    message = app.cond("Ready", obj)["message"]
     assert crypto.kek_fingerprint(new) in message
     assert crypto.kek_fingerprint(app.kek) not in message  # never the one that is needed
     assert app.db_state() == before
 
     _rekey_to(app, "app-kek-2", previous=[{"secretRef": {"name": "app-kek-wrong"}}])  # wrong
     obj = app.wait_condition("Ready", "False", "KEKMismatch")
-    message = app.condition("Ready", obj)["message"]  # type: ignore[index]
+    message = app.cond("Ready", obj)["message"]
     assert "none of the KEKs presented" in message
     assert crypto.kek_fingerprint(wrong) in message and crypto.kek_fingerprint(new) in message
     assert crypto.kek_fingerprint(app.kek) not in message

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -26,7 +27,7 @@ from tests.fixtures.fix_operator import (
 from tests.fixtures.roles import app_dsn
 
 
-def _ready_current(obj: dict) -> bool:  # type: ignore[type-arg]
+def _ready_current(obj: dict[str, Any]) -> bool:
     conds = (obj.get("status") or {}).get("conditions") or []
     ready = next((c for c in conds if c.get("type") == "Ready"), None)
     return bool(ready and ready.get("status") == "True"
@@ -114,7 +115,7 @@ def test_rotating_condition_and_progress(namespace: str, dsn: str, make_app: Mak
     with psycopg.connect(app_dsn(dsn)) as blocker:  # the application holds a row
         blocker.execute("SELECT 1 FROM secrets WHERE id = 16000 FOR UPDATE")
 
-        def in_progress() -> dict | None:  # type: ignore[type-arg]
+        def in_progress() -> dict[str, Any] | None:
             obj = app.get()
             cond = app.condition("Rotating", obj)
             rot = (obj.get("status") or {}).get("rotation") or {}
@@ -149,7 +150,7 @@ def test_rotating_condition_and_progress(namespace: str, dsn: str, make_app: Mak
               and (app.condition("Rotating", o) or {}).get("status") == "True"]
     assert during, "the watch saw no object version with Rotating=True"
     for o in during:
-        assert app.condition("Ready", o)["status"] == "False"  # type: ignore[index]
+        assert app.cond("Ready", o)["status"] == "False"
     dones = [o["status"]["rotation"]["done"] for o in during
              if (o["status"].get("rotation") or {}).get("phase") == "Running"]
     assert dones == sorted(dones), f"progress went backwards: {dones}"
@@ -158,7 +159,7 @@ def test_rotating_condition_and_progress(namespace: str, dsn: str, make_app: Mak
     assert (rot["done"], rot["total"], rot["reEncrypted"]) == (rows, rows, rows)
     assert rot["legacyMigrated"] == 5_000
     assert rot["progress"] == f"{rows}/{rows} (100%)"
-    assert app.condition("Rotating", final)["status"] == "False"  # type: ignore[index]
+    assert app.cond("Rotating", final)["status"] == "False"
 
 
 def test_kill_mid_rotation_then_restart(namespace: str, dsn: str, make_app: MakeApp,
@@ -180,7 +181,7 @@ def test_kill_mid_rotation_then_restart(namespace: str, dsn: str, make_app: Make
     assert app.rotations() == [(1, "baseline", None, 1, 0), (2, "running", 1, 2, moved)]
     app.assert_intact()  # nothing lost even now
     status = app.status()
-    assert app.condition("Rotating")["status"] == "True"  # type: ignore[index]
+    assert app.cond("Rotating")["status"] == "True"
     assert status.get("observedVersion") == 1
 
     restarted = start_operator([namespace])

@@ -11,11 +11,10 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tests.fixtures._env import testenv
+from tests.fixtures._env import REPO_ROOT, testenv
 from tests.fixtures.fix_cluster import Kubectl
 from tests.fixtures.fix_operator import (
     CRD_NAME,
-    REPO_ROOT,
     MakeApp,
     OperatorProcess,
     StartOperator,

@@ -65,7 +65,8 @@ def test_other_conditions_are_kept_and_order_is_stable() -> None:
     conds = set_condition([*conds, {"type": "Custom", "status": "True"}], READY, False,
                           "Rotating", "rotating", 1, at=T0)
     assert [c["type"] for c in conds] == [READY, ROTATING, DEGRADED, "Custom"]
-    assert get(conds, DEGRADED)["message"] == "fine"  # type: ignore[index]
+    degraded = get(conds, DEGRADED)
+    assert degraded is not None and degraded["message"] == "fine"
 
 
 def test_message_is_truncated() -> None:
@@ -75,7 +76,8 @@ def test_message_is_truncated() -> None:
 
 def test_get() -> None:
     conds = set_condition([], READY, True, "KeysReady", "ok", 1)
-    assert get(conds, READY)["reason"] == "KeysReady"  # type: ignore[index]
+    ready = get(conds, READY)
+    assert ready is not None and ready["reason"] == "KeysReady"
     assert get(conds, ROTATING) is None
     assert get(None, READY) is None
 

@@ -14,6 +14,16 @@ from kubernetes.client.exceptions import ApiException
 from rotation_operator.operator import leader
 
 
+def _meta(lease: client.V1Lease) -> client.V1ObjectMeta:
+    assert lease.metadata is not None
+    return lease.metadata
+
+
+def _spec(lease: client.V1Lease) -> client.V1LeaseSpec:
+    assert lease.spec is not None
+    return lease.spec
+
+
 class FakeLeases:
     """One Lease with resourceVersion semantics; records each call's request timeout."""
 
@@ -44,14 +54,14 @@ class FakeLeases:
                                  **kw: Any) -> None:
         self._check(kw)
         assert self.lease is not None
-        if body.metadata.resource_version != self.lease.metadata.resource_version:
+        if _meta(body).resource_version != _meta(self.lease).resource_version:
             raise ApiException(status=409)
         self._store(body)
 
     def _store(self, body: client.V1Lease) -> None:
         self.version += 1
         body = copy.deepcopy(body)
-        body.metadata.resource_version = str(self.version)
+        _meta(body).resource_version = str(self.version)
         self.lease = body
 
 
@@ -92,8 +102,8 @@ def test_one_candidate_wins_and_the_other_waits_out_the_lease() -> None:
     assert b._try() is False  # b has seen the record for 14 s < 15 s
     clock.advance(2)
     assert b._try() is True  # unrenewed for 16 s as b saw it: b takes it
-    assert api.lease is not None and api.lease.spec.holder_identity == "b"
-    assert api.lease.spec.lease_transitions == 1
+    assert api.lease is not None and _spec(api.lease).holder_identity == "b"
+    assert _spec(api.lease).lease_transitions == 1
     assert a._try() is False  # a now sees b's fresh renewal
 
 
@@ -105,7 +115,7 @@ def test_a_stale_read_loses_the_conditional_update() -> None:
     clock.advance(20)
     stale = api.read_namespaced_lease("rotation-operator", "ns")
     assert b._try()  # b took it meanwhile
-    stale.spec.holder_identity = "a"
+    _spec(stale).holder_identity = "a"
     with pytest.raises(ApiException) as info:
         api.replace_namespaced_lease("rotation-operator", "ns", stale)
     assert info.value.status == 409

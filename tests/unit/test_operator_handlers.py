@@ -113,7 +113,8 @@ ROW_DETAIL = "DETAIL:  Failing row contains (7, app-secret-7, 1)."
      "DatabasePermissionDenied"),
     (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"),
      "LockTimeout"),
-    (urllib3.exceptions.ReadTimeoutError(None, "/api", "read timed out"),
+    (urllib3.exceptions.ReadTimeoutError(urllib3.HTTPConnectionPool("127.0.0.1"), "/api",
+                                         "read timed out"),
      "KubernetesUnavailable"),
     (ZeroDivisionError("division by zero"), "InternalError"),
 ], ids=["check-violation", "deadlock", "permission", "lock-timeout", "api-timeout", "bug"])

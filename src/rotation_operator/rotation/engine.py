@@ -792,6 +792,7 @@ class _Run:
         sweep of their own (recorded and audited like any other).  Only while this rotator
         still holds the lock, nothing else runs, and its key is still the active one; the
         rotation itself is done either way (the refresh sweeps what is left)."""
+        faults.point("after-finish")
         try:
             self.checkpoint()
         except LockLost:

@@ -243,6 +243,7 @@ class BatchMover:
             if not rows:
                 return 0, 0, 0, None
             ctids, key_ids, olds, xmins = zip(*rows, strict=True)
+            faults.point("batch-read")
             try:
                 values = self.ring.rotate_many(olds, key_ids)
             except BadRow as bad:

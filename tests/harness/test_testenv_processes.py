@@ -22,6 +22,8 @@ import pytest
 
 from tests.fixtures._env import private_dir, remove_private_dir, testenv
 
+#: Starts control planes of its own: it needs the control-plane binaries, as e2e tests do.
+pytestmark = pytest.mark.e2e
 BINARIES = ("etcd", "kube-apiserver")
 
 

@@ -1,0 +1,1 @@
+"""Tests of the harness itself (``hack/testenv/testenv.py``), marker ``harness``."""
