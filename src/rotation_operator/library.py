@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from prometheus_client import Counter
-from psycopg import sql
 
 from rotation_operator.crypto.kek import Kek, as_kek
 from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.errors import DatabaseUnavailable, InvalidToken, UnknownKeyError
-from rotation_operator.policy.config import KEYS_TABLE, StoreConfig, Target, identifier
+from rotation_operator.policy.config import KEYS_TABLE, identifier
+from rotation_operator.store import keys
 from rotation_operator.store.database import Conn, connect, db_errors
 from rotation_operator.store.keystore import KeyStore
+from rotation_operator.store.names import Tables
 
+T = TypeVar("T")
 DECRYPT_FAILURES = Counter("rotation_operator_library_decrypt_failures_total",
                            "Values this application could not decrypt", ("keys_table",))
 
@@ -46,8 +48,8 @@ class Encryptor:
                  schema: str | None = None, max_age: float = 1.0,
                  previous: Sequence[bytes | Kek] = ()):
         identifier(keys_table, "keys table", KEYS_TABLE)
-        # The store only needs a config for its table names; targets are irrelevant here.
-        self._store = KeyStore(StoreConfig([Target("_unused")], keys_table, schema))
+        self._tables = Tables(keys_table, schema)
+        self._store = KeyStore(self._tables)
         self._dsn = dsn
         # During a rekey the DEKs flip from the previous KEK to the current one in one
         # transaction: a ring given both reads them before and after.
@@ -59,7 +61,7 @@ class Encryptor:
         self._checked = 0.0
 
     def __repr__(self) -> str:
-        return f"Encryptor(keys={self._store.cfg.qualified_keys!r})"
+        return f"Encryptor(keys={self._tables.qualified_keys!r})"
 
     def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:
         """Encrypt under the active DEK; store ``(value, key_id)`` in the same row."""
@@ -74,7 +76,7 @@ class Encryptor:
             except UnknownKeyError:
                 return self.refresh().decrypt(value, key_id)
         except (InvalidToken, UnknownKeyError):
-            DECRYPT_FAILURES.labels(self._store.cfg.qualified_keys).inc()
+            DECRYPT_FAILURES.labels(self._tables.qualified_keys).inc()
             raise
 
     def refresh(self) -> KeyRing:
@@ -114,20 +116,20 @@ class Encryptor:
             return ring
         with self._lock:
             asked = time.monotonic()  # the answer is at least as fresh as the question
-            row = self._query(sql.SQL("SELECT version FROM {} WHERE active").format(
-                self._store.keys))
+            active = self._query(lambda conn: keys.active_version(conn, self._tables))
             self._checked = asked
-        if row and row[0] != ring.active_version:
+        if active is not None and active != ring.active_version:
             return self.refresh()
         return ring
 
-    def _query(self, query: sql.Composed) -> Any:
-        """One row of ``query``; a connection dropped while idle (idle_session_timeout, a
-        proxy, a restarted server) is reopened once before giving up."""
+    def _query(self, query: Callable[[Conn], T]) -> T | None:
+        """``query`` on the connection; a connection dropped while idle
+        (idle_session_timeout, a proxy, a restarted server) is reopened once before giving
+        up."""
         for attempt in (1, 2):
             try:
                 with db_errors():
-                    return self._connection().execute(query).fetchone()
+                    return query(self._connection())
             except DatabaseUnavailable:
                 if attempt == 2:
                     raise

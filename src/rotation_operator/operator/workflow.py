@@ -209,20 +209,16 @@ def referenced_secrets(policy: Policy) -> list[str]:
 def row_version(policy: Policy, table: str, row_id: object) -> str:
     """What one row of a target is now (its ``xmin``, or ``gone``), for noticing that a
     row a rotation stopped on was repaired; read as the operator's role, needs no KEK."""
-    from psycopg import sql
-
     from rotation_operator.store.database import connect, db_errors
+    from rotation_operator.store.targets import row_xmin
 
     target = next((t for t in policy.store_config().targets
                    if t.name == table or t.table == table), None)
     if target is None:
         return "gone"
-    ident = sql.Identifier(target.schema, target.table) if target.schema else \
-        sql.Identifier(target.table)
     with db_errors(), connect(read_dsn(policy)) as conn:
-        row = conn.execute(sql.SQL("SELECT xmin::text FROM {} WHERE {} = %s").format(
-            ident, sql.Identifier(target.id_column)), (row_id,)).fetchone()
-    return str(row[0]) if row else "gone"
+        xmin = row_xmin(conn, target, row_id)
+    return xmin if xmin is not None else "gone"
 
 
 def read_secrets(policy: Policy) -> tuple[str, Keks]:

@@ -39,8 +39,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from psycopg import sql
-
 from rotation_operator import faults
 from rotation_operator.crypto.kek import Kek
 from rotation_operator.crypto.keyring import KeyRing
@@ -86,6 +84,14 @@ from rotation_operator.store.keystore import (
     raise_legacy_needs_raw,
 )
 from rotation_operator.store.locks import InFlight, RotationLock, in_flight, still_open
+from rotation_operator.store.rotations import seconds_since, still_ours
+from rotation_operator.store.targets import (
+    count_keyed,
+    lock_against_writes,
+    not_updatable,
+    total_size,
+    vacuum_analyze,
+)
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -260,13 +266,10 @@ class Engine:
                                               t["keyIdColumn"], t["schema"]), writes=False)
             except SchemaError:
                 continue  # dropped or renamed: nothing of it can be read any more
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {kid} IS NOT NULL"
-                                       ).format(t=layout.ident,
-                                                kid=sql.Identifier(t["keyIdColumn"]))
-                               ).fetchone()
-            if row and row[0]:
+            keyed = count_keyed(conn, layout)
+            if keyed:
                 raise KeysTableShared(
-                    f"{layout.display} still holds {row[0]} rows encrypted under keys of "
+                    f"{layout.display} still holds {keyed} rows encrypted under keys of "
                     f"{self.cfg.qualified_keys}; keep it among the targets until they are "
                     "gone, or later rotations would retire keys they need")
 
@@ -387,7 +390,7 @@ class Engine:
                     if not heap.vacuumable:
                         skipped.append(heap.display)
                         continue
-                    conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(heap.ident))
+                    vacuum_analyze(conn, heap)
             after = _sizes(conn, layouts)
         if skipped:
             log.info("VACUUM skipped %s: the role does not own them (autovacuum reclaims "
@@ -675,9 +678,7 @@ class _Run:
         """
         claim = self.claim
         assert claim is not None
-        row = self.conn.execute("SELECT extract(epoch FROM clock_timestamp() - %s)::float8",
-                                (claim.announced,)).fetchone()
-        elapsed = float(row[0]) if row else 0.0
+        elapsed = seconds_since(self.conn, claim.announced)
         waited = max(0.0, self.options.grace - elapsed)
         self.sleep(waited)
         vxids, xids = self._in_flight()
@@ -717,8 +718,7 @@ class _Run:
         self.checkpoint()
         with self.conn.transaction():
             for layout in self.layouts:  # the parent's lock covers partitions and children
-                self.conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-                    layout.ident))
+                lock_against_writes(self.conn, layout)
             self.store.check_fence(self.conn, claim.record_id, claim.fence, claim.to_version,
                                    exclusive=True)
 
@@ -750,10 +750,7 @@ class _Run:
         grants do not count), on the target and every partition or child it recurses to."""
         for layout in self.layouts:
             oids = [layout.oid, *[h.oid for h in layout.heaps]]
-            row = self.conn.execute(
-                "SELECT n.nspname || '.' || c.relname, current_user FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(%s) "
-                "AND NOT has_table_privilege(c.oid, 'UPDATE') LIMIT 1", (oids,)).fetchone()
+            row = not_updatable(self.conn, oids)
             if row is not None:
                 raise DatabaseForbidden(
                     f"Atomic mode locks {layout.display} against writes, which PostgreSQL "
@@ -820,13 +817,7 @@ class _Run:
     def _still_ours(self) -> bool:
         """In the caller's transaction: no other rotation runs and our key is active
         (records and key locked, so the answer holds until it commits)."""
-        running = self.conn.execute(sql.SQL(
-            "SELECT id FROM {} WHERE phase = 'running' FOR UPDATE").format(
-                self.store.rotations)).fetchone()
-        active = self.conn.execute(sql.SQL(
-            "SELECT version FROM {} WHERE state = 'active' FOR SHARE").format(
-                self.store.keys)).fetchone()
-        return running is None and active is not None and active[0] == self.ring.active_version
+        return still_ours(self.conn, self.store.tables, self.ring.active_version)
 
     # -- plumbing ------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -888,8 +879,5 @@ def _replace(result: RotationResult, **changes: Any) -> RotationResult:
 def _sizes(conn: Conn, layouts: Iterable[Layout]) -> dict[str, int]:
     out = {}
     for layout in layouts:
-        row = conn.execute("SELECT coalesce(sum(pg_total_relation_size(x)), 0) "
-                           "FROM unnest(%s::oid[]) AS x", ([h.oid for h in layout.heaps],)
-                           ).fetchone()
-        out[layout.target.name] = int(row[0]) if row else 0
+        out[layout.target.name] = total_size(conn, layout)
     return out

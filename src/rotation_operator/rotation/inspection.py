@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from psycopg import sql
-
 from rotation_operator.crypto.kek import Kek
 from rotation_operator.errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
 from rotation_operator.policy.config import StoreConfig
@@ -28,8 +26,17 @@ from rotation_operator.policy.decisions import (
 )
 from rotation_operator.store import audit
 from rotation_operator.store.catalog import Layout, inspect
-from rotation_operator.store.database import Conn, connect, db_errors
-from rotation_operator.store.keystore import KeyRecord, KeyStore, RotationRecord
+from rotation_operator.store.database import (
+    Conn,
+    connect,
+    db_errors,
+    read_only_snapshot,
+    transaction_time,
+)
+from rotation_operator.store.keys import KeyRecord
+from rotation_operator.store.keystore import KeyStore
+from rotation_operator.store.rotations import RotationRecord
+from rotation_operator.store.targets import scan
 
 
 @dataclass(frozen=True)
@@ -141,11 +148,11 @@ def rfc3339(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
-def _layouts(conn: Conn, store: KeyStore) -> list[Layout]:
+def _layouts(conn: Conn, cfg: StoreConfig, store: KeyStore) -> list[Layout]:
     """Targets checked for reading, and the keys table found (else :class:`NotInitialised`)."""
-    layouts = [inspect(conn, t, writes=False) for t in store.cfg.targets]
+    layouts = [inspect(conn, t, writes=False) for t in cfg.targets]
     if not store.exists(conn):
-        raise NotInitialised(f"keys table {store.cfg.qualified_keys} does not exist in this "
+        raise NotInitialised(f"keys table {cfg.qualified_keys} does not exist in this "
                              "database: nothing was initialised here yet (run `init`, or "
                              "create the EncryptionPolicy)")
     return layouts
@@ -179,14 +186,15 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
     """Keys with row counts, totals, the last and any running rotation (no KEK needed).
 
     ``exact=False``: counts from the statistics for heaps over ``exact_below`` rows (see
-    :meth:`KeyStore.key_estimates`): no scan of a large table, no long snapshot holding
-    back VACUUM.  What a periodic status needs; ``verify`` and ``status --exact`` count.
+    :func:`rotation_operator.store.targets.key_estimates`): no scan of a large table, no
+    long snapshot holding back VACUUM.  What a periodic status needs; ``verify`` and
+    ``status --exact`` count.
     """
     store = KeyStore(cfg)
     with db_errors(), connect(dsn) as conn:
-        layouts = _layouts(conn, store)
+        layouts = _layouts(conn, cfg, store)
         with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            read_only_snapshot(conn)
             keys = store.list_keys(conn)
             records = store.rotation_records(conn)
             running = running_record(records)
@@ -195,7 +203,7 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
             per_key: dict[int | None, int] = {}
             targets = []
             all_exact = True
-            counted_at = conn.execute("SELECT now()").fetchone()
+            counted_at = transaction_time(conn)
             for layout in layouts:
                 if exact:
                     counts = store.key_counts(conn, layout)
@@ -209,8 +217,7 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
                     layout.target.name, layout.kind, rows, counts.get(None, 0),
                     rows - counts.get(active, 0) if active else rows,
                     sum(n for kid, n in counts.items() if kid in stale_keys)))
-            events = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                audit.table(cfg))).fetchone()
+            events = audit.count(conn, cfg)
     finished = [r for r in records if r.phase == "done" and r.kind != "sweep"]
     sweeps = [r for r in records if r.phase == "done" and r.kind == "sweep"]
     return Snapshot(
@@ -224,9 +231,9 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
         last_rotation=finished[-1] if finished else None,
         running=running,
         last_sweep=sweeps[-1] if sweeps else None,
-        audit_events=int(events[0]) if events else 0,
+        audit_events=events,
         exact=all_exact,
-        counted_at=counted_at[0] if counted_at else None,
+        counted_at=counted_at,
     )
 
 
@@ -254,9 +261,9 @@ def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
     store = KeyStore(cfg)
     report = VerifyReport()
     with db_errors(), connect(dsn) as conn:
-        layouts = _layouts(conn, store)
+        layouts = _layouts(conn, cfg, store)
         with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            read_only_snapshot(conn)
             ring = store.load_ring(conn, keks)
             records = store.rotation_records(conn)
             stale_keys = _stale_keys(store.list_keys(conn), records)
@@ -273,23 +280,18 @@ def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
 def _verify_target(conn: Conn, layout: Layout, decrypt: Any, stale_keys: set[int | None],
                    report: VerifyReport, max_failures: int) -> None:
     t = layout.target
-    q = sql.SQL("SELECT {id}, {kid}, {val} FROM {t}").format(
-        id=sql.Identifier(t.id_column), kid=sql.Identifier(t.key_id_column),
-        val=sql.Identifier(t.value_column), t=layout.ident)
-    with conn.cursor(name="verify", binary=True) as cur:
-        cur.itersize = 500  # large values: bounded memory
-        for row_id, key_id, value in cur.execute(q):
-            report.rows += 1
-            report.legacy += key_id is None
-            name = "legacy" if key_id is None else f"v{key_id}"
-            report.per_key[name] = report.per_key.get(name, 0) + 1
-            if key_id in stale_keys:
-                report.retired[name] = report.retired.get(name, 0) + 1
-            try:
-                decrypt(value, key_id)
-            except (InvalidToken, UnknownKeyError):
-                if len(report.failures) < max_failures:
-                    report.failures.append({"table": t.name, "id": str(row_id),
-                                            "key_id": key_id})
-                else:
-                    report.failures[-1]["more"] = True
+    for row_id, key_id, value in scan(conn, layout):
+        report.rows += 1
+        report.legacy += key_id is None
+        name = "legacy" if key_id is None else f"v{key_id}"
+        report.per_key[name] = report.per_key.get(name, 0) + 1
+        if key_id in stale_keys:
+            report.retired[name] = report.retired.get(name, 0) + 1
+        try:
+            decrypt(value, key_id)
+        except (InvalidToken, UnknownKeyError):
+            if len(report.failures) < max_failures:
+                report.failures.append({"table": t.name, "id": str(row_id),
+                                        "key_id": key_id})
+            else:
+                report.failures[-1]["more"] = True

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
-from psycopg import sql
 
 from rotation_operator import faults
 from rotation_operator.errors import KeyInUse, KeyStateError
@@ -38,7 +37,8 @@ from rotation_operator.policy.decisions import (
 )
 from rotation_operator.store.catalog import Layout, inspect
 from rotation_operator.store.database import Conn, check_server, connect, db_errors
-from rotation_operator.store.keystore import KeyRecord, KeyStore
+from rotation_operator.store.keys import KeyRecord, vacuum_full
+from rotation_operator.store.keystore import KeyStore
 from rotation_operator.store.locks import RotationLock, in_flight, wait_for
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,7 @@ class Lifecycle:
         ``lock_timeout`` behind a reader.  WAL, archives, replicas and backups keep their
         copies: see the README."""
         try:
-            conn.execute("SET lock_timeout = '5s'")
-            conn.execute(sql.SQL("VACUUM FULL {}").format(self.store.keys))
+            vacuum_full(conn, self.store.tables)
         except psycopg.Error as exc:
             log.warning("VACUUM FULL of the keys table after a destroy failed (%s): the "
                         "erased DEK's old row version stays in its pages until they are "

@@ -4,10 +4,12 @@ Why batches by *heap block range* rather than by id: a ``ctid`` range is read wi
 Range Scan (a plain sequential read of those pages, no index probes), works for any id
 type, and lets disjoint ranges go to separate worker processes with no coordination.  A
 target's rows may live in several heaps (leaf partitions, inheritance children; see
-:mod:`.tables`): each heap is walked on its own and every statement says ``ONLY``, since
-``ctid`` and ``xmin`` are unique only within one heap.
+:mod:`rotation_operator.store.catalog`): each heap is walked on its own and every
+statement says ``ONLY``, since ``ctid`` and ``xmin`` are unique only within one heap.
 
-One batch, inside one transaction::
+One batch, inside one transaction (the statements are built in
+:mod:`rotation_operator.store.batches` and :mod:`rotation_operator.store.rotations`; this
+module executes them)::
 
     -- the fence: this rotation is still the running one, its key still the active one
     SELECT phase, fence FROM K_rotations WHERE id = <rotation> FOR KEY SHARE
@@ -54,7 +56,6 @@ from itertools import chain
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
@@ -62,6 +63,7 @@ from rotation_operator import errors, faults
 from rotation_operator.crypto.keyring import BadRow, KeyRing
 from rotation_operator.errors import DatabaseUnavailable, RowDecryptError, TriggerInterference
 from rotation_operator.policy.config import StoreConfig
+from rotation_operator.store import batches, load
 from rotation_operator.store.catalog import Heap, Layout
 from rotation_operator.store.database import (
     RETRYABLE,
@@ -71,7 +73,7 @@ from rotation_operator.store.database import (
     db_errors,
     translate,
 )
-from rotation_operator.store.keystore import KeyStore, stale_condition
+from rotation_operator.store.keystore import KeyStore
 
 log = logging.getLogger(__name__)
 BATCH_RETRIES = 5
@@ -175,47 +177,19 @@ class Work:
 
 
 class BatchMover:
-    """The statements of one batch for one heap, built once."""
+    """One batch for one heap; its statements are built once (:mod:`.store.batches`)."""
 
     def __init__(self, work: Work, ring: KeyRing, store: KeyStore):
         self.work = work
         self.ring = ring
         self.store = store
-        t = work.layout.target
-        names = {"h": work.heap.ident, "id": sql.Identifier(t.id_column),
-                 "val": sql.Identifier(t.value_column), "kid": sql.Identifier(t.key_id_column),
-                 "cond": stale_condition(work.layout, work.legacy)}
-        select = ("SELECT tidsend(ctid), {kid}, {val}, xidsend(xmin) FROM ONLY {h} "
-                  "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}")
-        self.select = sql.SQL(select).format(**names)
-        # Rows in ctid order while the bytes before each stay under the budget (the first
-        # row always comes): memory is bounded whatever the values' sizes.
-        self.select_bounded = sql.SQL(
-            "SELECT c, k, v, x FROM (SELECT tidsend(ctid) AS c, {kid} AS k, {val} AS v, "
-            "xidsend(xmin) AS x, ctid AS t, sum(octet_length({val})) OVER (ORDER BY ctid "
-            "ROWS UNBOUNDED PRECEDING) - octet_length({val}) AS before FROM ONLY {h} "
-            "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND {cond}) s "
-            "WHERE before < %(budget)s ORDER BY t LIMIT %(n)s").format(**names)
-        # Sessions waiting on a lock this backend holds: the application writers a batch
-        # keeps waiting.  pg_locks is readable by every role (pg_stat_activity hides other
-        # roles' wait events), and pg_blocking_pids, which takes the lock manager's
-        # partition locks, runs only for the few lock requests not granted (the CASE
-        # makes that order certain), not for every backend.
-        self.blocked = sql.SQL(
-            "SELECT count(DISTINCT pid) FROM pg_locks WHERE CASE WHEN granted THEN false "
-            "ELSE pg_backend_pid() = ANY(pg_blocking_pids(pid)) END")
-        self.row_id = sql.SQL("SELECT {id} FROM ONLY {h} WHERE ctid = %(c)s::tid").format(**names)
-        update = ("UPDATE ONLY {h} AS r SET {val} = u.v, {kid} = %(active)s "
-                  "FROM unnest(%(c)b, %(v)b, %(x)b) AS u(c, v, x) "
-                  "WHERE r.ctid = u.c AND r.xmin = u.x")
-        self.update = sql.SQL(update).format(**names)
+        built = batches.statements(work.layout, work.heap, work.legacy)
+        self.select, self.select_bounded = built.select, built.select_bounded
+        self.row_id, self.update = built.row_id, built.update
+        self.update_checked = built.update_checked
+        self.blocked = load.BLOCKED
         # A BEFORE UPDATE trigger may change or suppress the row: check what was written.
         self.verified = bool(work.heap.before_update_triggers)
-        self.update_checked = sql.SQL(
-            "WITH w AS (" + update + " RETURNING r.{id} AS id, "
-            "(r.{val} = u.v AND r.{kid} IS NOT DISTINCT FROM %(active)s) AS ok) "
-            "SELECT count(*), count(*) FILTER (WHERE NOT ok), "
-            "(array_agg(id::text) FILTER (WHERE NOT ok))[1] FROM w").format(**names)
 
     def _row_id(self, cur: psycopg.Cursor[Any], ctid: bytes) -> object:
         """The id of the row at a raw ctid (only to name a bad row in the error)."""
@@ -324,22 +298,13 @@ def plan(conn: Conn, work: Work) -> Plan:
     """Heap size in blocks, blocks per batch for about ``batch_size`` rows, and whether the
     heap's values may exceed what its pages hold (TOAST): then batches are cut by bytes."""
     heap = work.heap
-    row = conn.execute(
-        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int, c.reltuples, "
-        "c.relpages, CASE WHEN c.reltoastrelid = 0 THEN 0 "
-        "ELSE pg_relation_size(c.reltoastrelid) END, current_setting('block_size')::int "
-        "FROM pg_class c WHERE c.oid = %s", (heap.oid,)).fetchone()
-    blocks, reltuples, relpages, toast, block_size = (
-        int(row[0]), float(row[1]), int(row[2]), int(row[3]), int(row[4])
-    ) if row else (0, 0.0, 0, 0, 8192)
+    blocks, reltuples, relpages, toast, block_size = batches.heap_size(conn, heap)
     if blocks == 0:
         return Plan(0, 1)
     if relpages > 0 and reltuples > 0:
         per_block = reltuples / relpages
     else:  # never analysed: count once
-        count = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(heap.ident)
-                             ).fetchone()
-        per_block = (count[0] if count else 0) / max(blocks, 1)
+        per_block = batches.count_heap(conn, heap) / max(blocks, 1)
     by_rows = max(1, int(work.batch_size / max(per_block, 1.0)))
     if toast:
         # Values out of line: a range of blocks holds about this many bytes of them, so a

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from rotation_operator.errors import DatabaseForbidden
 from rotation_operator.policy.config import RotationOptions
+from rotation_operator.store import load
 from rotation_operator.store.database import Conn
 
 log = logging.getLogger(__name__)
@@ -106,29 +107,18 @@ class Throttle:
 
     # -- replica lag -------------------------------------------------------------------
     def _check_visible(self) -> None:
-        row = self.conn.execute(
-            "SELECT pg_has_role('pg_read_all_stats', 'USAGE') OR rolsuper, current_user "
-            "FROM pg_roles WHERE rolname = current_user").fetchone()
-        if row is not None and not row[0]:
+        visible, role = load.may_read_replication(self.conn)
+        if not visible:
             raise DatabaseForbidden(
                 f"maxReplicationLag needs to read the replicas' positions in "
-                f"pg_stat_replication, which role {row[1]} may not: GRANT pg_monitor TO "
-                f"{row[1]}")
+                f"pg_stat_replication, which role {role} may not: GRANT pg_monitor TO "
+                f"{role}")
 
     def replicas(self) -> list[Replica]:
         """Every connected streaming replica, with its lag in seconds."""
         now = time.monotonic()
-        rows = self.conn.execute(
-            "SELECT coalesce(application_name, '') || '@' || coalesce(client_addr::text, "
-            "'local'), extract(epoch FROM replay_lag)::float8, pg_current_wal_lsn()::text, "
-            "replay_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 "
-            "FROM pg_stat_replication r WHERE state IN ('streaming', 'catchup') "
-            # physical standbys only: a logical consumer (a subscription, CDC) confirms
-            # its position when it likes, and is no replica a failover would promote
-            "AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.pid "
-            "AND a.datid IS NOT NULL)").fetchall()
-        current = rows[0][2] if rows else self.conn.execute(
-            "SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
+        rows = load.replicas(self.conn)
+        current = rows[0][2] if rows else load.current_wal_lsn(self.conn)
         self._samples.append((now, _lsn(current)))
         out = []
         for name, replay_lag, _, replay_lsn, behind in rows:

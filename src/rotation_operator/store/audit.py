@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 
 from rotation_operator.errors import AuditChainError
 from rotation_operator.policy.config import StoreConfig
+from rotation_operator.store.names import Tables
 
 GENESIS = bytes(32)
 
@@ -48,12 +49,11 @@ def record_hash(prev_hash: bytes, seq: int, at: datetime, event: str, key_versio
     return hashlib.sha256(prev_hash + canonical.encode()).digest()
 
 
-def table(cfg: StoreConfig) -> sql.Composable:
-    return sql.Identifier(cfg.schema, cfg.audit_table) if cfg.schema else sql.Identifier(
-        cfg.audit_table)
+def table(cfg: StoreConfig | Tables) -> sql.Identifier:
+    return Tables.of(cfg).audit
 
 
-def create_sql(cfg: StoreConfig) -> sql.Composed:
+def create_sql(cfg: StoreConfig | Tables) -> sql.Composed:
     return sql.SQL(
         """CREATE TABLE IF NOT EXISTS {t} (
             seq bigint PRIMARY KEY,
@@ -68,7 +68,7 @@ def create_sql(cfg: StoreConfig) -> sql.Composed:
     ).format(t=table(cfg))
 
 
-def append(conn: psycopg.Connection[Any], cfg: StoreConfig, event: str, *,
+def append(conn: psycopg.Connection[Any], cfg: StoreConfig | Tables, event: str, *,
            key_version: int | None = None, actor: str,
            detail: Mapping[str, Any] | None = None) -> int:
     """Append one event in the caller's transaction; returns its sequence number.
@@ -100,7 +100,13 @@ class ChainReport:
     head: str  # hex of the last hash ("" when empty)
 
 
-def verify(conn: psycopg.Connection[Any], cfg: StoreConfig) -> ChainReport:
+def count(conn: psycopg.Connection[Any], cfg: StoreConfig | Tables) -> int:
+    """How many events the log holds."""
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table(cfg))).fetchone()
+    return int(row[0]) if row else 0
+
+
+def verify(conn: psycopg.Connection[Any], cfg: StoreConfig | Tables) -> ChainReport:
     """Recompute the whole chain; raise :class:`AuditChainError` at the first bad row."""
     prev, expected_seq, count = GENESIS, 1, 0
     query = sql.SQL(

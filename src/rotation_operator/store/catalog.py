@@ -30,6 +30,7 @@ from rotation_operator.errors import (
 )
 from rotation_operator.policy.config import KEY_INT_TYPES, Target
 from rotation_operator.store.database import Conn
+from rotation_operator.store.names import ident
 
 Kind = Literal["table", "partitioned", "inherited"]
 _RELKIND = {"v": "a view", "m": "a materialized view", "f": "a foreign table",
@@ -55,7 +56,7 @@ class Heap:
 
     @property
     def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
+        return ident(self.schema, self.name)
 
     @property
     def display(self) -> str:
@@ -78,7 +79,7 @@ class Layout:
 
     @property
     def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.target.table)
+        return ident(self.schema, self.target.table)
 
     def record(self) -> dict[str, str]:
         """The canonical form stored as the keys table's coverage (schema resolved)."""
@@ -92,9 +93,10 @@ def regclass_arg(schema: str | None, table: str) -> tuple[str | None, str, str |
     return (schema, table, schema, table)
 
 
-#: A relation's oid from its (optionally schema-qualified) name, quoting each part.
-REGCLASS = ("to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s) "
-            "ELSE quote_ident(%s) || '.' || quote_ident(%s) END)")
+#: A relation's oid from its (optionally schema-qualified) name, quoting each part (the
+#: parameters: :func:`regclass_arg`).
+REGCLASS = sql.SQL("to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s) "
+                   "ELSE quote_ident(%s) || '.' || quote_ident(%s) END)")
 
 
 def inspect(conn: Conn, target: Target, *, writes: bool = True) -> Layout:
@@ -103,9 +105,9 @@ def inspect(conn: Conn, target: Target, *, writes: bool = True) -> Layout:
     ``writes=False`` (status, verify) checks only what reading through the parent needs.
     Raises :class:`SchemaError` (and subclasses) or :class:`DatabaseForbidden` by name.
     """
-    row = conn.execute(
-        f"SELECT c.oid, n.nspname, c.relkind FROM pg_class c JOIN pg_namespace n "
-        f"ON n.oid = c.relnamespace WHERE c.oid = {REGCLASS}",
+    row = conn.execute(sql.SQL(
+        "SELECT c.oid, n.nspname, c.relkind FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.oid = {}").format(REGCLASS),
         regclass_arg(target.schema, target.table)).fetchone()
     if row is None:
         raise SchemaError(f"target table {target.name} does not exist")

@@ -1,18 +1,20 @@
 """Connections to PostgreSQL and the one translation of its errors.
 
-Why a module of its own: every layer that talks to the database (engine, keystore,
-inspection, library) must connect the same way (keepalives, so a NAT or a load balancer
-does not silently drop an idle session; timeouts, so nothing waits forever), and every
-``psycopg`` exception must reach users in the same sanitized form.  A server message can
-carry a ``DETAIL:`` line quoting a whole application row (``Failing row contains (...)``),
-and data errors quote the offending input; neither may reach a log line, a condition or an
-Event.  :func:`translate` keeps the SQLSTATE, the class and, only for classes whose primary
-message names objects rather than values, that message.
+Why a module of its own: every layer that talks to the database (the store's modules,
+and the engine, inspection and library that open its sessions) must connect the same way
+(keepalives, so a NAT or a load balancer does not silently drop an idle session;
+timeouts, so nothing waits forever), and every ``psycopg`` exception must reach users in
+the same sanitized form.  A server message can carry a ``DETAIL:`` line quoting a whole
+application row (``Failing row contains (...)``), and data errors quote the offending
+input; neither may reach a log line, a condition or an Event.  :func:`translate` keeps the
+SQLSTATE, the class and, only for classes whose primary message names objects rather than
+values, that message.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
@@ -181,3 +183,15 @@ def check_server(conn: Conn) -> None:
         raise ServerUnsupported(f"PostgreSQL {major} is not supported: the rotation reads heap "
                                 "block ranges with TID range scans, which need PostgreSQL 14 "
                                 "or later")
+
+
+def read_only_snapshot(conn: Conn) -> None:
+    """The first statement of the caller's transaction: every read after it sees one
+    snapshot (REPEATABLE READ) and nothing can be written."""
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
+def transaction_time(conn: Conn) -> datetime | None:
+    """When the caller's transaction started, by the server's clock (``now()``)."""
+    row = conn.execute("SELECT now()").fetchone()
+    return row[0] if row else None
