@@ -1,14 +1,17 @@
 """rotation-operator: declarative envelope-encryption key rotation for PostgreSQL.
 
-The package is layered so each part can be used and tested on its own:
+The package is layered, each layer a subpackage that imports only the layers below it
+(import-linter contracts in ``pyproject.toml``):
 
-* :mod:`.crypto` and :mod:`.keyring` are pure (no I/O but ``os.urandom``): the value
-  format, DEK wrapping, KEK parsing.
-* :mod:`.store` owns every SQL statement: key tables, rotation records, the hash-chained
-  audit log, counts over the targets.
-* :mod:`.engine` is the rotation workflow over both, used by the CLI and the operator.
-* :mod:`.library` is what applications import to encrypt and decrypt with the same keys.
-* :mod:`.operator` is the thin Kopf layer.
+* :mod:`.cli` and :mod:`.operator` (Kopf): the two front ends;
+* :mod:`.rotation`: prepare, decide, act (engine, run, mover, throttle, lifecycle,
+  inspection), used by both front ends;
+* :mod:`.library` (what applications import) and :mod:`.pkcs11kek` (a stable path to the
+  PKCS#11 KEK);
+* :mod:`.store`: every SQL statement (own tables, catalog, targets, locks, audit);
+* :mod:`.policy` (configuration and the pure decision layer) and :mod:`.crypto` (the value
+  and wrap formats, key rings, KEK sources, PKCS#11): no database, no Kubernetes;
+* :mod:`.errors` (the one hierarchy) and :mod:`.faults` (named fault points).
 """
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ The points (:data:`POINTS`; arming any other name is an error, so a typo cannot 
 pass without ever reaching its point):
 
 ``after-start``
-    ``rotation.engine``: the rotation or sweep is claimed and committed (a new key active),
+    ``rotation.run``: the rotation or sweep is claimed and committed (a new key active),
     before its key is announced and any row moves.
 ``after-batch``
     ``rotation.mover``: after each batch (its transaction committed when the batch has one
@@ -35,19 +35,19 @@ pass without ever reaching its point):
     ``rotation.mover``: an Online batch is written and its progress added, before its
     transaction commits.
 ``before-finish``
-    ``rotation.engine``: every row moved, inside the transaction that retires the old keys
+    ``rotation.run``: every row moved, inside the transaction that retires the old keys
     and finishes the rotation, before it commits (Atomic: the locked transaction).
 ``after-finish``
-    ``rotation.engine``: a rotation has committed its finish, before it checks for rows
+    ``rotation.run``: a rotation has committed its finish, before it checks for rows
     that arrived under a retired key meanwhile (the post-finish sweep).
 ``before-vacuum``
     ``rotation.engine``: the rotation is done and its lock released, before the VACUUM of
     its targets.
 ``rekey-after-legacy``
-    ``rotation.engine``: a rekey has moved the legacy rows off the old KEK, before it
+    ``rotation.run``: a rekey has moved the legacy rows off the old KEK, before it
     re-wraps the DEKs.
 ``rekey-before-commit``
-    ``rotation.engine``: a rekey has re-wrapped every DEK, before its transaction commits.
+    ``rotation.run``: a rekey has re-wrapped every DEK, before its transaction commits.
 ``before-destroy``
     ``rotation.lifecycle``: a DEK destruction is checked (no row uses it), before it is
     destroyed.

@@ -16,7 +16,8 @@ from rotation_operator.errors import LockHeld
 from rotation_operator.library import Encryptor
 from rotation_operator.policy.config import Mode, RotationOptions, StoreConfig, Target
 from rotation_operator.rotation import inspection
-from rotation_operator.rotation.engine import Engine, RotationResult
+from rotation_operator.rotation.engine import Engine
+from rotation_operator.rotation.results import RotationResult
 from tests.fixtures.fix_app import (
     ATOMIC,
     ONLINE,

@@ -390,8 +390,10 @@ def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch
     resumes it serves the bump with it: one rotation, not two."""
     from rotation_operator.crypto.kek import as_kek
     from rotation_operator.operator import kube, workflow
+    from rotation_operator.operator.secrets import Keks
     from rotation_operator.operator.settings import OperatorSettings
     from rotation_operator.operator.spec import Policy
+    from rotation_operator.operator.writer import StatusWriter
 
     app = make_app(dsn, 300)
     app.engine().initialise(policy_version=1)
@@ -421,8 +423,8 @@ def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch
         def warn(self, reason: str, message: str) -> None: ...
 
     policy = Policy("ns", "app", 1, spec, {})
-    workflow._reconcile(policy, OperatorSettings(), Events(), workflow.StatusWriter(policy),
-                        dsn, workflow.Keks(as_kek(app.kek), [], []), policy.store_config(),
+    workflow._reconcile(policy, OperatorSettings(), Events(), StatusWriter(policy),
+                        dsn, Keks(as_kek(app.kek), [], []), policy.store_config(),
                         policy.options())
     assert [(k[0], k[2]) for k in keys(dsn, app.cfg)] == [(1, None), (2, 2)]
     with psycopg.connect(dsn) as conn:

@@ -179,10 +179,10 @@ def test_release_hands_the_lease_over() -> None:
 
 def test_a_rotation_stops_between_batches_once_the_replica_may_not_act() -> None:
     from rotation_operator.errors import NotLeading
-    from rotation_operator.operator import spec, workflow
+    from rotation_operator.operator import spec
+    from rotation_operator.operator.control import Control
 
-    control = workflow.Control(spec.Policy("ns", "app", 1, {"version": 2}, {}),
-                               interval=3600)
+    control = Control(spec.Policy("ns", "app", 1, {"version": 2}, {}), interval=3600)
     leader.stop_acting()
     with pytest.raises(NotLeading):
         control()  # every call checks, whatever the interval of the policy look-ups

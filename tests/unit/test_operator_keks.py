@@ -9,7 +9,7 @@ import pytest
 
 from rotation_operator.crypto import codec
 from rotation_operator.errors import ConfigError, KekFormatError
-from rotation_operator.operator import kube, workflow
+from rotation_operator.operator import kube, secrets
 from rotation_operator.operator.spec import Policy
 from rotation_operator.policy.config import MIN_RETENTION_DAYS
 
@@ -36,7 +36,7 @@ def policy(**spec: Any) -> Policy:
 
 def test_current_then_previous_keks_from_secrets(
         fake_secrets: list[tuple[str, str, str, str]]) -> None:
-    keks = workflow.read_keks(policy(kek={"secretRef": {"name": "app-kek"}},
+    keks = secrets.read_keks(policy(kek={"secretRef": {"name": "app-kek"}},
                                      previousKeks=[{"secretRef": {"name": "old-kek",
                                                                   "key": "key"}}]))
     assert [k.fingerprint for k in keks.all] == [codec.kek_fingerprint(KEY),
@@ -48,14 +48,14 @@ def test_current_then_previous_keks_from_secrets(
 
 def test_a_malformed_secret_names_it_and_the_length() -> None:
     with pytest.raises(KekFormatError, match=r"^Secret ns/bad-kek key kek: .*found 5 bytes"):
-        workflow.read_keks(policy(kek={"secretRef": {"name": "bad-kek"}}))
+        secrets.read_keks(policy(kek={"secretRef": {"name": "bad-kek"}}))
 
 
 @pytest.mark.parametrize("source", [{}, {"pkcs11": {"module": "/m.so", "tokenLabel": "t",
                                                     "keyLabel": "k"}}])
 def test_an_incomplete_source_says_what_it_needs(source: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"^spec.kek needs secretRef.name, or pkcs11 with"):
-        workflow.read_keks(policy(kek=source))
+        secrets.read_keks(policy(kek=source))
 
 
 def test_a_pkcs11_kek_reads_its_pin_secret_then_the_module(
@@ -65,7 +65,7 @@ def test_a_pkcs11_kek_reads_its_pin_secret_then_the_module(
     hsm = {"module": "/nowhere/lib.so", "tokenLabel": "t", "keyLabel": "k",
            "pinSecretRef": {"name": "hsm-pin"}}
     with pytest.raises(HSMModuleMissing, match=r"/nowhere/lib\.so"):
-        workflow.read_keks(policy(kek={"pkcs11": hsm}))
+        secrets.read_keks(policy(kek={"pkcs11": hsm}))
     assert fake_secrets == [("ns", "hsm-pin", "pin", "HSM PIN")]
 
 

@@ -17,8 +17,8 @@ from rotation_operator.operator.conditions import (
 )
 from rotation_operator.policy.decisions import Action, Decision, Request
 from rotation_operator.policy.reasons import Reason
-from rotation_operator.rotation.engine import RotationResult
 from rotation_operator.rotation.inspection import KeyStatus, Snapshot, TargetCounts
+from rotation_operator.rotation.results import RotationResult
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 NOTHING = Decision(Action.NONE, Reason.KEYS_READY, "version 3 is served")

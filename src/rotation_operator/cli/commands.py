@@ -23,7 +23,8 @@ from rotation_operator.errors import ConfigError
 from rotation_operator.policy.config import StoreConfig, Target, retention_from_days
 
 if TYPE_CHECKING:  # the engine loads with the command that uses it, not with the parser
-    from rotation_operator.rotation.engine import Engine, RotationResult
+    from rotation_operator.rotation.engine import Engine
+    from rotation_operator.rotation.results import RotationResult
 
 Command = Callable[[argparse.Namespace], ExitStatus]
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from rotation_operator.policy.config import MIN_RETENTION_DAYS
 
 if TYPE_CHECKING:  # the engine loads with the command that uses it, not with the parser
-    from rotation_operator.rotation.engine import RotationResult
     from rotation_operator.rotation.inspection import Snapshot, VerifyReport
     from rotation_operator.rotation.lifecycle import Outcome
+    from rotation_operator.rotation.results import RotationResult
 
 
 def weak_kek(source: str) -> None:

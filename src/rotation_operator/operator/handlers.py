@@ -24,8 +24,20 @@ from rotation_operator.errors import (
     RotationOperatorError,
     RowDecryptError,
 )
-from rotation_operator.operator import kube, leader, logs, metrics, spec, workflow
+from rotation_operator.operator import (
+    kube,
+    leader,
+    logs,
+    metrics,
+    secrets,
+    spec,
+    workflow,
+)
+from rotation_operator.operator import (
+    refresh as timer,
+)
 from rotation_operator.operator import settings as operator_settings
+from rotation_operator.operator import writer as writer_mod
 from rotation_operator.operator.kube import GROUP, PLURAL, VERSION
 from rotation_operator.store.database import translate
 
@@ -100,10 +112,10 @@ def retry_delay(exc: RotationOperatorError, retry: int) -> float:
 
 @contextmanager
 def boundary(policy: spec.Policy, events: _Events, retry: int = 0,
-             reconciling: bool = False) -> Iterator[workflow.StatusWriter]:
+             reconciling: bool = False) -> Iterator[writer_mod.StatusWriter]:
     """Map every error to status + Event + Kopf's retry semantics; ``reconciling``: the
     reconcile handler's run, whose retry may be brought forward."""
-    writer = workflow.StatusWriter(policy)  # the run writes through it, and so does a failure
+    writer = writer_mod.StatusWriter(policy)  # the run writes through it, and so does a failure
     key = (policy.namespace, policy.name)
     try:
         with logs.policy(policy.namespace, policy.name):
@@ -193,7 +205,7 @@ def refresh(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any]
     """Refresh counts between rotations (applications write all the time)."""
     policy, events = _policy(body), _Events(body)
     with boundary(policy, events):
-        if not workflow.refresh(policy, events, operator_settings.current):
+        if not timer.refresh(policy, events, operator_settings.current):
             logger.debug("refresh skipped: a reconciliation is running")
 
 
@@ -239,14 +251,14 @@ def watch_inputs(body: kopf.Body, **_: Any) -> None:
         return
     if changed:
         with boundary(policy, events):
-            done = workflow.refresh(policy, events, operator_settings.current, recheck=True)
+            done = timer.refresh(policy, events, operator_settings.current, recheck=True)
         if not done and before is not None:  # the policy was busy: look again next tick
             _secrets_seen[key] = before
 
 
 def _secret_versions(policy: spec.Policy) -> dict[str, str]:
     return {n: kube.secret_version(policy.namespace, n)
-            for n in workflow.referenced_secrets(policy)}
+            for n in secrets.referenced_secrets(policy)}
 
 
 def _bring_forward(key: tuple[str, str], why: str) -> None:

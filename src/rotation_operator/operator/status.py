@@ -34,9 +34,9 @@ from rotation_operator.policy.decisions import (
     usage,
 )
 from rotation_operator.policy.reasons import Reason
-from rotation_operator.rotation.engine import RotationResult
 from rotation_operator.rotation.inspection import Snapshot, rfc3339
 from rotation_operator.rotation.lifecycle import Outcome
+from rotation_operator.rotation.results import RotationResult
 
 Conditions = Iterable[Mapping[str, Any]]
 #: Every field of ``status.rotation``: each write names all of them (None deletes one in a
