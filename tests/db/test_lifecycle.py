@@ -431,3 +431,56 @@ def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch
         records = [(r.kind, r.requested_version, r.phase)
                    for r in KeyStore(app.cfg).rotation_records(conn)]
     assert records == [("policy", 1, "baseline"), ("policy", 2, "done")]
+
+
+def test_the_timer_sweeps_rows_under_a_retired_key_even_when_a_schedule_is_due_and_behind(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review finding: with spec.version below the served version and maxKeyAge past, a
+    refresh that let a due schedule take precedence started a reconcile that could not act
+    (BEHIND) and swept nothing, tick after tick.  The timer sweeps first, then looks at the
+    schedule."""
+    import base64
+
+    from rotation_operator.operator import kube, leader
+    from rotation_operator.operator import refresh as timer
+    from rotation_operator.operator.settings import OperatorSettings
+    from rotation_operator.operator.spec import Policy
+    from tests.fixtures.fix_app import fill, not_under_active
+
+    app = make_app(dsn, 50, legacy_every=0)
+    app.engine().initialise(policy_version=1)
+    old_ring = app.ring()
+    app.engine().rotate(2, ONLINE)
+    app.expected[app.target].update(
+        fill(dsn, app.target, app.kek, 5, ring=old_ring, legacy_every=0, start=1000))
+    assert not_under_active(dsn, app.cfg) == 5  # written under the retired v1
+    spec = {"version": 1, "kek": {"secretRef": {"name": "kek"}},
+            "database": {"secretRef": {"name": "db"}}, "targets": [{"table": "secrets"}],
+            "rotation": {"vacuum": False, "graceSeconds": 0, "maxKeyAge": "1h"}}
+    secrets = {"kek": base64.b64encode(app.kek), "db": dsn.encode()}
+    monkeypatch.setattr(kube, "read_secret", lambda ns, name, key, what: secrets[name])
+    monkeypatch.setattr(kube, "patch_status", lambda *a, **k: None)
+    monkeypatch.setattr(kube, "get_policy", lambda ns, n: {
+        "metadata": {"generation": 1, "uid": "", "resourceVersion": "1"}, "spec": spec,
+        "status": {"observedVersion": 2}})
+    monkeypatch.setattr(leader, "may_act", lambda: True)
+    reconciled: list[Policy] = []
+    monkeypatch.setattr(timer, "reconcile", lambda policy, *a, **k: reconciled.append(policy))
+
+    class Events:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def info(self, reason: str, message: str) -> None:
+            self.seen.append(reason)
+
+        def warn(self, reason: str, message: str) -> None:
+            self.seen.append(reason)
+
+    events = Events()
+    policy = Policy("ns", "app", 1, spec, {"observedVersion": 2})
+    assert timer.refresh(policy, events, OperatorSettings(), _now(dsn) + timedelta(hours=2))
+    assert not_under_active(dsn, app.cfg) == 0  # swept onto v2
+    assert "StaleRowsSwept" in events.seen
+    assert len(reconciled) == 1  # and then the schedule, which is the reconcile's to judge
+    app.assert_rotated()

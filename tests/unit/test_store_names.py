@@ -16,8 +16,16 @@ from rotation_operator.store.names import Tables
 
 PACKAGE = Path(names.__file__).resolve().parent.parent
 #: A string that starts like an SQL statement.
-STATEMENT = re.compile(r"^\(?(SELECT|INSERT|UPDATE|DELETE|WITH|CREATE|ALTER|LOCK|VACUUM|SET|"
-                       r"DROP|TRUNCATE)\s")
+STATEMENT = re.compile(
+    # statement openings, in any case, that no English sentence starts with ...
+    r"^\s*\(?\s*(?i:select\s|insert\s+into\s|update\s+\S+\s+set\s|delete\s+from\s|copy\s|"
+    r"truncate\s|vacuum\s*[({]|vacuum\s+(full|analyze|verbose)\b|merge\s+into\s|"
+    r"lock\s+table\s|with\s+\w+\s+as\s*\(|"
+    r"(create|alter|drop)\s+(table|index|unique|schema|role|view|function|trigger|or\s))"
+    # ... and, in capitals, every other statement's first word
+    r"|^\s*\(?\s*(SELECT|INSERT|UPDATE|DELETE|WITH|CREATE|ALTER|LOCK|SET|DROP|"
+    r"TRUNCATE|COPY|MERGE|ANALYZE|CLUSTER|REINDEX|GRANT|REVOKE|EXPLAIN|SHOW|RESET|DO|CALL|"
+    r"LISTEN|NOTIFY|COMMENT|DISCARD|PREPARE|EXECUTE|DECLARE|FETCH|REFRESH)\b")
 LOG_CALLS = {"debug", "info", "warning", "error", "exception", "critical"}
 
 

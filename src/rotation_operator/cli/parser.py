@@ -20,6 +20,7 @@ from rotation_operator.policy.config import (
     RotationOptions,
     parse_duration,
 )
+from rotation_operator.rotation.inspection import EXACT_BELOW
 
 #: The defaults every rotation flag shows and falls back to.
 DEFAULTS = RotationOptions()
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
     status.add_argument("--exact", action="store_true",
                         help="count every row (a full scan of each target); by default "
-                             "tables over 100000 rows are estimated from the planner's "
+                             f"tables over {EXACT_BELOW} rows are estimated from the planner's "
                              "statistics, and the output says which")
 
     rotate = sub.add_parser("rotate", help="rotate to a new DEK and re-encrypt every row")

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from rotation_operator import __version__
+from rotation_operator.policy.reasons import Reason
 
 LABELS = ("namespace", "policy")
 
@@ -126,7 +127,7 @@ def rotation_ended(namespace: str, name: str) -> None:
     IN_PROGRESS.labels(namespace, name).set(0)
 
 
-THROTTLE_REASONS = ("ReplicationLag", "Load")
+THROTTLE_REASONS = (Reason.REPLICATION_LAG, Reason.LOAD)
 
 
 def throttled(namespace: str, name: str, reason: str | None, lag: float | None) -> None:

@@ -1,8 +1,9 @@
 """The refresh timer: counts, sweeps, retention and schedules between rotations.
 
-Counting needs the DSN only; a sweep, a retention step or a scheduled rotation are decided
-by the decision layer (a ``refresh`` request: a due schedule first, else a sweep) on the
-snapshot it takes, and a scheduled rotation is a reconcile like any other.
+Counting needs the DSN only.  Two steps follow, each decided by the decision layer on the
+snapshot the step before left: a ``sweep`` request (rows under a retired key move onto the
+active key), then, after the retention steps that are due, a ``schedule`` request (a
+rotation the policy asks for by itself), which starts a reconcile like any other.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rotation_operator.operator.spec import Policy
 from rotation_operator.operator.workflow import observe_schedule, reconcile
 from rotation_operator.operator.writer import Reporter, StatusWriter
 from rotation_operator.policy.config import StoreConfig
-from rotation_operator.policy.decisions import Action, Request, decide
+from rotation_operator.policy.decisions import Action, Decision, Request, decide
 from rotation_operator.policy.reasons import Reason
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.rotation.inspection import Snapshot, snapshot
@@ -75,7 +76,7 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         ready.get("reason") in _transient_reasons()
     transient = recheck or failing
     cfg = policy.store_config()
-    request = policy.request(now, "refresh")
+    request = policy.request(now, "schedule")
     lock = policy_lock(policy)
     if not lock.acquire(blocking=False):
         return False
@@ -94,15 +95,17 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
             dsn = read_dsn(policy)
         counting = _counting(policy, settings, now)
         snap = snapshot(dsn, cfg, **counting)
-        decision = decide(request, snap.state())
-        if decision.action is Action.SWEEP:
+        # Two steps, each decided on what the one before left: a sweep of rows under a
+        # retired key (always online: it needs no grant a rotation may lack), then a
+        # rotation the policy's schedule asks for.
+        swept = decide(policy.request(now, "sweep"), snap.state())
+        if swept.action is Action.SWEEP:
             interval = settings.control_interval if settings else 2.0
-            snap = _sweep(policy, events, cfg, interval)
+            snap = _sweep(policy, events, cfg, interval, swept)
         outcome = _lifecycle(policy, events, dsn, cfg, snap, now)
         if outcome.done or outcome.changed:
             snap = snapshot(dsn, cfg, **counting)
-        if decision.action is Action.SWEEP:  # the next step, on what the sweep left
-            decision = decide(request, snap.state())
+        decision = decide(request, snap.state())
     finally:
         lock.release()
     if decision.action is Action.ROTATE and settings is not None:
@@ -178,14 +181,17 @@ def _lifecycle(policy: Policy, events: Reporter, dsn: str, cfg: StoreConfig, sna
     return outcome
 
 
-def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float) -> Snapshot:
-    """Move rows under retired keys onto the active key, and say so."""
+def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float,
+           decision: Decision) -> Snapshot:
+    """Move rows under retired keys onto the active key (``decision``: the refresh's, which
+    the engine takes again under the lock), and say so."""
     dsn, keks = read_secrets(policy)
     engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner)
     labels = (policy.namespace, policy.name)
     metrics.rotation_started(*labels)
     try:
-        result = engine.sweep(policy.options(), control=Control(policy, interval))
+        result = engine.sweep(policy.options(), control=Control(policy, interval),
+                              decision=decision)
     finally:
         metrics.rotation_ended(*labels)
         keks.close()

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from rotation_operator.rotation.inspection import EXACT_BELOW
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -40,7 +42,7 @@ class OperatorSettings:
     #: statistics for tables over ``exact_count_below`` rows: no full scan every minute).
     exact_count_interval: float = 3600.0
     #: Heaps up to this many rows are always counted exactly.
-    exact_count_below: int = 100_000
+    exact_count_below: int = EXACT_BELOW
     #: Run without Kopf peering (leader election, when on, decides who acts instead).
     standalone: bool = True
     #: Of several replicas only the holder of a coordination.k8s.io Lease acts
@@ -93,7 +95,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "planner's statistics (default 3600)")
     p.add_argument("--exact-count-below", type=int, default=None, metavar="ROWS",
                    help="tables (heaps) up to this many rows are always counted exactly "
-                        "(default 100000)")
+                        f"(default {EXACT_BELOW})")
     le = p.add_argument_group("high availability (see docs/operations.md)")
     le.add_argument("--leader-elect", action="store_true", default=None,
                     help="run as one of several replicas: only the holder of a Lease acts, "
@@ -147,7 +149,7 @@ def from_args(args: argparse.Namespace) -> OperatorSettings:
         if args.exact_count_interval is not None
         else _env_float("EXACT_COUNT_INTERVAL", 3600.0),
         exact_count_below=args.exact_count_below if args.exact_count_below is not None
-        else int(os.environ.get("EXACT_COUNT_BELOW", "100000")),
+        else int(os.environ.get("EXACT_COUNT_BELOW", str(EXACT_BELOW))),
         liveness=liveness,
         metrics_port=args.metrics_port if args.metrics_port is not None else int(
             os.environ.get("METRICS_PORT", "9090")),

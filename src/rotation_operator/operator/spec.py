@@ -106,17 +106,18 @@ class Policy:
         r = self.spec.get("rotation") or {}
         defaults = RotationOptions()
         return RotationOptions(
-            mode=r.get("mode", "Online"), batch_size=r.get("batchSize", defaults.batch_size),
-            vacuum=r.get("vacuum", True), workers=r.get("workers", defaults.workers),
+            mode=r.get("mode", defaults.mode),
+            batch_size=r.get("batchSize", defaults.batch_size),
+            vacuum=r.get("vacuum", defaults.vacuum), workers=r.get("workers", defaults.workers),
             grace=r.get("graceSeconds", defaults.grace),
             max_batch_bytes=r.get("maxBatchBytes", defaults.max_batch_bytes),
             lock_timeout=r.get("lockTimeoutSeconds", defaults.lock_timeout),
             statement_timeout=r.get("statementTimeoutSeconds", defaults.statement_timeout),
             handover_timeout=r.get("handoverTimeoutSeconds", defaults.handover_timeout),
-            max_rows_per_second=r.get("maxRowsPerSecond", 0),
+            max_rows_per_second=r.get("maxRowsPerSecond", defaults.max_rows_per_second),
             max_replication_lag=None if r.get("maxReplicationLag") is None else parse_duration(
                 r["maxReplicationLag"], "maxReplicationLag").total_seconds(),
-            max_blocked_sessions=r.get("maxBlockedSessions"))
+            max_blocked_sessions=r.get("maxBlockedSessions", defaults.max_blocked_sessions))
 
     def conditions(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.status.get("conditions") or []]

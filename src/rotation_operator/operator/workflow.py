@@ -24,6 +24,7 @@ from rotation_operator.errors import (
     RotationCancelled,
     RotationOperatorError,
     RotationPaused,
+    RowDecryptError,
 )
 from rotation_operator.operator import conditions, metrics, status
 from rotation_operator.operator.control import Control, policy_lock
@@ -194,7 +195,7 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
         raise
     except RotationOperatorError as exc:
         metrics.ROTATIONS.labels(*labels, "failed").inc()
-        if exc.reason == "RowDecryptFailed":
+        if isinstance(exc, RowDecryptError):
             metrics.DECRYPT_FAILURES.labels(*labels).inc()
         writer.patch({"rotation": running_status(phase="Failed", throttle=None,
                                                   message=str(exc))}, with_conditions=False)

@@ -15,10 +15,11 @@ status write, an operator restart or a re-created policy can never cause a secon
 Requests come in five kinds: a **policy** version (``spec.version``, or the CLI's
 ``--policy-version``), a **manual** rotation (the CLI without a version: it never uses up a
 policy version), a **sweep** (move rows that slipped in under a retired key onto the active
-one, minting nothing), a **refresh** (the operator's timer: a scheduled rotation when one is
-due, else a sweep when rows need one) and a **rekey** (the CLI: rewrap the DEKs under the
-current KEK, nothing else).  A rekey comes first whenever it is due: every key must be
-wrapped by the current KEK before anything else happens.
+one, minting nothing), a **schedule** (the operator's timer, after its sweep: a rotation the
+policy asks for by itself, its key too old or nearly used up, when one is due) and a
+**rekey** (the CLI: rewrap the DEKs under the current KEK, nothing else).  A rekey comes
+first whenever it is due: every key must be wrapped by the current KEK before anything
+else happens.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Literal, Protocol, TypeVar
 from rotation_operator.policy.config import Mode
 from rotation_operator.policy.reasons import Reason
 
-RequestKind = Literal["policy", "manual", "sweep", "refresh", "rekey"]
+RequestKind = Literal["policy", "manual", "sweep", "schedule", "rekey"]
 
 
 class Action(Enum):
@@ -196,9 +197,12 @@ def _unpaused(request: Request, state: State) -> Decision:
         running = None  # its key is not active any more: a new rotation supersedes it
     if request.kind == "sweep":
         return _sweep(state, running)
-    if request.kind == "refresh":  # a due schedule first: its rotation moves every row
-        return (_scheduled(request, state) if running is None else None) or \
-            _sweep(state, running)
+    if request.kind == "schedule":
+        if running is not None:
+            return Decision(Action.NONE, Reason.ROTATION_PENDING,
+                            f"an unfinished {_describe(running)} runs first")
+        return _scheduled(request, state) or Decision(Action.NONE, Reason.KEYS_READY,
+                                                      "no rotation is due by schedule")
     if request.kind == "rekey" and not state.rekey:
         return Decision(Action.NONE, Reason.KEYS_READY, "every DEK is wrapped by the current KEK")
     if state.rekey:  # before anything else: every key must be readable with the current KEK

@@ -42,6 +42,8 @@ class Reason(StrEnum):
     USAGE_BOUND_FAR = "UsageBoundFar"
     # Throttled
     NOT_THROTTLED = "NotThrottled"
+    REPLICATION_LAG = "ReplicationLag"
+    LOAD = "Load"
     # Events only
     ROTATION_STARTED = "RotationStarted"
     ROTATION_FINISHED = "RotationFinished"

@@ -146,7 +146,7 @@ class Engine:
             baseline = policy_version is not None and self.store.record_baseline(
                 conn, policy_version, ring.active_version, self.actor)
             state = observe(conn, self.store, ring.active_version, self._kek.fingerprint,
-                            usage=request, targets=layouts)
+                            usage=request, targets=layouts, estimate=True)
         return Prepared(layouts, ring, state, created, baseline)
 
     def _legacy_kek(self, conn: Conn, layouts: Sequence[Layout]) -> Kek:
@@ -199,15 +199,15 @@ class Engine:
                 decision: Decision | None = None) -> RotationResult:
         """Carry out ``request``: decide again, under the lock, on fresh records, and act.
 
-        ``prepared``: this pass's :meth:`prepare`, and ``decision`` what the caller decided
-        on it, when the caller already ran them (else both are done here first).
+        ``prepared``: this pass's :meth:`prepare`, when the caller already ran it;
+        ``decision``: what the caller decided to report (else it is decided here first, on
+        the prepared state).
         ``throttled``: told when the rotation waits for its limits, and when it stops.
         """
         options = options or RotationOptions()
         started = time.monotonic()
         if prepared is None:  # a rotation request records no baseline: it rotates
             prepared = self.prepare()
-            decision = None
         if decision is None:
             decision = decide(request, prepared.state)
         # A sweep (or a rotation for usage) is decided on counts, which only the look under
@@ -267,10 +267,13 @@ class Engine:
     def sweep(self, options: RotationOptions | None = None, *,
               prepared: Prepared | None = None, progress: ProgressFn | None = None,
               control: ControlFn | None = None, lock_wait: float = 0.0,
-              throttled: ThrottleFn | None = None) -> RotationResult:
-        """Move rows under retired keys onto the active key (no new key)."""
+              throttled: ThrottleFn | None = None,
+              decision: Decision | None = None) -> RotationResult:
+        """Move rows under retired keys onto the active key (no new key); ``decision``: the
+        caller's, to report (decided again under the lock before anything moves)."""
         return self.execute(Request("sweep"), options, prepared=prepared, progress=progress,
-                            control=control, lock_wait=lock_wait, throttled=throttled)
+                            control=control, lock_wait=lock_wait, throttled=throttled,
+                            decision=decision)
 
     def _check_usable(self, conn: Conn, layouts: Sequence[Layout]) -> None:
         """Refuse before minting when a row names a disabled or destroyed key: no ring

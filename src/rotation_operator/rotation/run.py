@@ -40,7 +40,7 @@ from rotation_operator.policy.decisions import (
     usage_high,
 )
 from rotation_operator.rotation import mover
-from rotation_operator.rotation.inspection import migrated
+from rotation_operator.rotation.inspection import EXACT_BELOW, migrated
 from rotation_operator.rotation.results import ControlFn, Prepared, ProgressFn, RotationResult
 from rotation_operator.rotation.throttle import Throttle, ThrottleFn
 from rotation_operator.store import audit
@@ -93,12 +93,13 @@ class _Claim:
 
 def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = None,
             count: Iterable[Layout] = (), usage: Request | None = None,
-            targets: Sequence[Layout] = ()) -> State:
+            targets: Sequence[Layout] = (), *, estimate: bool = False) -> State:
     """The database's state for :func:`decide` (``current_kek``: the current KEK's
     fingerprint, to see whether a rekey is due; ``count``: also count rows under retired
     keys in these targets, a full scan, so only sweeps ask; ``usage``: a request that may
     rotate on usage, for which the rows of ``targets`` are counted when the active key is
-    near its bound, in ``targets``)."""
+    near its bound, in ``targets``; ``estimate``: from the statistics for large tables, as
+    a report's look may, not under the lock)."""
     records = store.rotation_records(conn)
     layouts = list(count)
     retired = store.count_stale(conn, layouts, active, legacy=migrated(records)) \
@@ -107,7 +108,11 @@ def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = 
                    Running.of(running_record(records)), current_kek=current_kek,
                    retired_rows=retired)
     if usage is not None and usage.rotate_on_usage and usage_high(usage, state) and targets:
-        rows = store.count_stale(conn, targets, 0, legacy=True)  # every row (no key 0)
+        if estimate:
+            rows = sum(sum(store.key_estimates(conn, t, active, EXACT_BELOW)[0].values())
+                       for t in targets)
+        else:
+            rows = store.count_stale(conn, targets, 0, legacy=True)  # every row (no key 0)
         state = dataclasses.replace(state, rows=rows)
     return state
 

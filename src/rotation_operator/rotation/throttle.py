@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from rotation_operator.errors import DatabaseForbidden
 from rotation_operator.policy.config import RotationOptions
+from rotation_operator.policy.reasons import Reason
 from rotation_operator.store import load
 from rotation_operator.store.database import Conn
 
@@ -143,7 +144,7 @@ class Throttle:
             if worst is None or lag <= self.max_lag:
                 return paused
             paused = True
-            self._set("ReplicationLag", f"replica {worst.name} replays {lag:.1f}s behind "
+            self._set(Reason.REPLICATION_LAG, f"replica {worst.name} replays {lag:.1f}s behind "
                       f"(maxReplicationLag {self.max_lag:g}s); waiting", lag)
             self._sleep(POLL)
 
@@ -153,7 +154,7 @@ class Throttle:
             self._backoff = POLL
             self._blocked = 0
             return False
-        self._set("Load", f"the last batches blocked {self._blocked} application sessions "
+        self._set(Reason.LOAD, f"the last batches blocked {self._blocked} application sessions "
                   f"(maxBlockedSessions {self.max_blocked}); backing off "
                   f"{self._backoff:.2f}s", None)
         self._sleep(self._backoff)
@@ -162,7 +163,7 @@ class Throttle:
         return True
 
     def _set(self, reason: str | None, message: str, lag: float | None) -> None:
-        if reason == self._reason and reason != "ReplicationLag":
+        if reason == self._reason and reason != Reason.REPLICATION_LAG:
             return
         if reason is not None and reason != self._reason:
             log.info("throttled: %s", message)

@@ -30,7 +30,7 @@ from rotation_operator.store.names import Tables
 @dataclass(frozen=True)
 class RotationRecord:
     id: int
-    kind: str  # policy | manual | sweep
+    kind: str  # policy | manual | scheduled | sweep
     requested_version: int | None  # the policy version served (policy kind only)
     phase: str  # baseline | running | done | superseded
     mode: str | None
