@@ -144,6 +144,8 @@ def test_secret_to_pkcs11_and_back_through_the_policy(
     obj = app.wait_condition("Ready", "True", "RotationSucceeded", timeout=90)
     with Pkcs11Kek(softhsm.module, softhsm.token_label, label, softhsm.pin) as hsm:
         assert obj["status"]["kek"]["fingerprint"] == hsm.fingerprint
+        assert (obj["status"]["kek"]["alwaysSensitive"],
+                obj["status"]["kek"]["neverExtractable"]) == (True, True)  # a generated key
         assert {k["kek"] for k in obj["status"]["keys"]} == {hsm.fingerprint}
         assert _opens_nothing(app, app.kek)
         with Encryptor(roles.app_dsn(dsn), hsm) as enc:  # the library through the HSM
@@ -155,6 +157,7 @@ def test_secret_to_pkcs11_and_back_through_the_policy(
     app.set_secret("app-kek-3", "kek", back.hex())
     app.patch_spec({"kek": {"secretRef": {"name": "app-kek-3"}, "pkcs11": None},
                     "previousKeks": [hsm_spec]})
-    app.wait_condition("Ready", "True", "KEKRotated", timeout=60)
+    obj = app.wait_condition("Ready", "True", "KEKRotated", timeout=60)
+    assert not {"alwaysSensitive", "neverExtractable"} & set(obj["status"]["kek"])
     assert _independent_read(app, back) == app.plaintexts
     _assert_no_leak(app, op, app.kek, back, softhsm.pin)

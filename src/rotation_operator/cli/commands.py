@@ -71,8 +71,11 @@ def rekey(args: argparse.Namespace) -> ExitStatus:
     current = presented[0]
     res = _engine(args, presented).execute(Request("rekey"), rotation_options(args),
                                            lock_wait=args.wait_lock)
+    flags = {name: getattr(current, attr) for name, attr in (
+        ("alwaysSensitive", "always_sensitive"), ("neverExtractable", "never_extractable"))
+        if isinstance(getattr(current, attr, None), bool)}  # a PKCS#11 KEK's only
     output.rekeyed(res.rekeyed, current.fingerprint, current.describe(), res.to_version,
-                   args.output)
+                   args.output, flags)
     return ExitStatus.OK
 
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from rotation_operator.policy.config import MIN_RETENTION_DAYS
 
 if TYPE_CHECKING:  # the engine loads with the command that uses it, not with the parser
+    from collections.abc import Mapping
+
     from rotation_operator.rotation.inspection import Snapshot, VerifyReport
     from rotation_operator.rotation.lifecycle import Outcome
     from rotation_operator.rotation.results import RotationResult
@@ -157,15 +159,24 @@ def _rotated(res: RotationResult) -> None:
 
 
 def rekeyed(rewrapped: tuple[int, ...], fingerprint: str, source: str, active: int,
-            fmt: str) -> None:
+            fmt: str, protection: Mapping[str, bool] | None = None) -> None:
+    """``protection``: a PKCS#11 KEK's ``alwaysSensitive`` and ``neverExtractable``."""
+    flags = dict(protection or {})
     if fmt == "json":
         print(json.dumps({"rewrapped": list(rewrapped), "kekFingerprint": fingerprint,
-                          "activeKeyVersion": active}))
-    elif rewrapped:
+                          "activeKeyVersion": active,
+                          **{f"kek{name[0].upper()}{name[1:]}": value
+                             for name, value in flags.items()}}))
+        return
+    if rewrapped:
         print(f"rewrapped DEK {', '.join(f'v{v}' for v in rewrapped)} under the KEK "
               f"{fingerprint} ({source}); the previous KEKs are no longer needed")
     else:
         print(f"every DEK is wrapped by the KEK {fingerprint} already: nothing to do")
+    if flags:
+        print("  the token says the key is "
+              f"{'' if flags.get('alwaysSensitive') else 'not '}always sensitive and "
+              f"{'' if flags.get('neverExtractable') else 'not '}never extractable")
 
 
 def key_plan(outcome: Outcome, fmt: str) -> None:

@@ -14,6 +14,14 @@ non-extractable AES key cannot compute portably; this provider uses AES-CMAC ins
 (:func:`cmac_fingerprint`, ``cmac:`` prefix), which the token computes and software can
 reproduce from the key bytes.
 
+The key must be ``CKA_SENSITIVE`` and not ``CKA_EXTRACTABLE`` (checked at open; PKCS#11 lets
+neither be undone later), and the token must reject a forged GCM tag (tried at open).  Only
+an authentication failure of the value is :class:`InvalidToken`; a token that fails is
+retried a few times, then :class:`HSMError` (retryable).  A token that answers a forged tag
+with the same code as a device fault (``CKR_GENERAL_ERROR``: SoftHSM2) has each such answer
+checked against a round trip of a fresh DEK: only a value that keeps failing on a token that
+works is a bad ciphertext.
+
 PKCS#11 login state is per token *and per process*: a second ``C_Login`` fails with
 ``CKR_USER_ALREADY_LOGGED_IN`` and one ``C_Logout`` logs every session out.  So every
 :class:`Pkcs11Kek` on the same token in this process shares one logged-in session (and its
@@ -27,11 +35,12 @@ import hmac
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import pkcs11
 from cryptography.hazmat.primitives import cmac
@@ -46,7 +55,9 @@ if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as Library
 
 __all__ = [
+    "ATTEMPTS",
     "FINGERPRINT_LABEL",
+    "FaultHook",
     "HSMError",
     "HSMKeyMissing",
     "HSMKeyUnsuitable",
@@ -64,18 +75,27 @@ _FINGERPRINT_HEX_CHARS = 16
 _TAG_BITS = codec.TAG_SIZE * 8
 _REQUIRED_MECHANISMS = (Mechanism.AES_GCM, Mechanism.AES_CMAC)
 _REQUIRED_USAGE = (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN)
+#: Attribute, the value a KEK must have, what the message says when it has the other one.
+_PROTECTION = (
+    (Attribute.SENSITIVE, True, "not sensitive (CKA_SENSITIVE=false: CKA_VALUE can be read)"),
+    (Attribute.EXTRACTABLE, False, "extractable (CKA_EXTRACTABLE=true: it can be wrapped out)"),
+)
 
-#: What a token reports when a GCM open fails.  SoftHSM2 says CKR_GENERAL_ERROR; others say
-#: CKR_ENCRYPTED_DATA_INVALID, or CKR_AEAD_DECRYPT_FAILED (0x35, PKCS#11 3.0, which
-#: python-pkcs11 does not map: see :func:`_is_bad_ciphertext`).
+#: What a token answers when a GCM open does not authenticate, and nothing else: the value,
+#: not the token, is wrong.  CKR_AEAD_DECRYPT_FAILED (0x35, PKCS#11 3.0) is not mapped by
+#: python-pkcs11: see :func:`_is_bad_ciphertext`.
 _BAD_CIPHERTEXT = (
-    p11.GeneralError,
-    p11.FunctionFailed,
     p11.EncryptedDataInvalid,
     p11.EncryptedDataLenRange,
     p11.DataInvalid,
     p11.DataLenRange,
 )
+#: Codes that say "it failed" without saying why: a device fault, or (SoftHSM2 answers a
+#: forged tag with CKR_GENERAL_ERROR) a bad value.  Which one is found out, never assumed.
+_AMBIGUOUS = (p11.GeneralError, p11.FunctionFailed)
+#: Token calls per operation before an :class:`HSMError`, and the pauses between them.
+ATTEMPTS = 3
+_BACKOFF_SECONDS = (0.05, 0.2)
 _UNMAPPED_AEAD_DECRYPT_FAILED = "Unmapped error code 0x35"
 _LOGIN_ERRORS = (
     p11.PinIncorrect,
@@ -119,14 +139,16 @@ class HSMKeyMissing(KekError):
 
 
 class HSMKeyUnsuitable(KekError):
-    """The key is not AES-256, may not encrypt/decrypt/sign, or the token lacks GCM/CMAC."""
+    """The key is not AES-256, may not encrypt/decrypt/sign, is not sensitive or is
+    extractable, or the token lacks GCM/CMAC (or accepts a forged GCM tag)."""
 
     reason = "HSMKeyUnsuitable"
     retryable = True
 
 
 class HSMError(KekError):
-    """Any other failure reported by the PKCS#11 library (device removed, session lost...).
+    """Any other failure reported by the PKCS#11 library (device removed, session lost,
+    ``CKR_GENERAL_ERROR`` that outlasts the retries...): never a verdict on the value.
 
     The message names the PKCS#11 exception class only, never its arguments.
     """
@@ -310,7 +332,8 @@ def _find_key(session: pkcs11.Session, key_label: str, context: str) -> _AesKey:
 
 
 def _check_key(key: _AesKey, context: str) -> None:
-    """Refuse anything but an AES-256 key allowed to encrypt, decrypt and sign."""
+    """Refuse anything but a sensitive, non-extractable AES-256 key allowed to encrypt,
+    decrypt and sign."""
     if key[Attribute.KEY_TYPE] != KeyType.AES:
         raise HSMKeyUnsuitable(f"{context}: the key is not an AES key")
     length = key[Attribute.VALUE_LEN]
@@ -321,6 +344,12 @@ def _check_key(key: _AesKey, context: str) -> None:
     if missing:
         names = ", ".join(f"CKA_{name}" for name in missing)
         raise HSMKeyUnsuitable(f"{context}: the key lacks {names}")
+    exposed = [text for attr, want, text in _PROTECTION if bool(key[attr]) is not want]
+    if exposed:
+        raise HSMKeyUnsuitable(
+            f"{context}: the key is {' and '.join(exposed)}, so its bytes can leave the "
+            "token; generate a new key with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false "
+            "(pkcs11-tool --keygen --sensitive, without --extractable) and rekey to it")
 
 
 def _check_mechanisms(token: pkcs11.Token, context: str) -> None:
@@ -351,7 +380,20 @@ def _as_bytes(result: bytes | Iterator[bytes]) -> bytes:
     return result if isinstance(result, bytes) else b"".join(result)
 
 
+def _pause(attempt: int) -> None:
+    """Before retry ``attempt`` (0 is the first call: no pause)."""
+    if attempt:
+        time.sleep(_BACKOFF_SECONDS[min(attempt, len(_BACKOFF_SECONDS)) - 1])
+
+
 # --- the provider ----------------------------------------------------------------------
+
+
+#: Called before every token call with its name (``"sign"``, ``"encrypt"``, ``"decrypt"``);
+#: it may raise a python-pkcs11 exception as the token would.  A seam for fault-injection
+#: tests (a device that fails once, or keeps failing); never set in production.
+FaultHook = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 class Pkcs11Kek:
@@ -359,14 +401,15 @@ class Pkcs11Kek:
 
     Thread-safe: every token call is made under the lock of the shared session.  The PIN
     is used to log in and then forgotten (only a keyed digest is kept to check that later
-    openers of the same token present the same PIN).
+    openers of the same token present the same PIN).  ``fault``: see :data:`FaultHook`.
     """
 
     def __init__(self, module: str, token_label: str, key_label: str, pin: bytes | str, *,
-                 slot_description: str | None = None) -> None:
+                 slot_description: str | None = None, fault: FaultHook | None = None) -> None:
         self._module = module
         self._token_label = token_label
         self._key_label = key_label
+        self._fault = fault
         self._closed = False
         context = self._context()
         path, lib = _load_library(module)
@@ -376,17 +419,38 @@ class Pkcs11Kek:
             _check_mechanisms(token, context)
         self._conn = _acquire_connection(path, lib, token, pin_text, context)
         try:
-            self._key, self._fingerprint = self._open_key(context)
+            self._open_key(context)
         except BaseException:
             _release_connection(self._conn)
             raise
 
-    def _open_key(self, context: str) -> tuple[_AesKey, str]:
+    def _open_key(self, context: str) -> None:
         with self._conn.lock, _translate_errors(context):
             key = _find_key(self._conn.session, self._key_label, context)
             _check_key(key, context)
-            mac = key.sign(FINGERPRINT_LABEL, mechanism=Mechanism.AES_CMAC)
-        return key, _format_fingerprint(mac)
+            self._always_sensitive = bool(key[Attribute.ALWAYS_SENSITIVE])
+            self._never_extractable = bool(key[Attribute.NEVER_EXTRACTABLE])
+        self._key = key
+        self._ambiguous_tag = self._calibrate(context)
+        mac = self._retrying("sign", lambda: key.sign(FINGERPRINT_LABEL,
+                                                      mechanism=Mechanism.AES_CMAC))
+        self._fingerprint = _format_fingerprint(mac)
+
+    def _calibrate(self, context: str) -> bool:
+        """Open a forged value once: whether this token answers a tag that does not verify
+        with an ambiguous code (:data:`_AMBIGUOUS`).  A token that accepts it is refused."""
+        aad = codec.wrap_aad(1)
+        nonce, sealed = self._retrying("encrypt", lambda: self._seal(os.urandom(32), aad))
+        forged = sealed[:-1] + bytes([sealed[-1] ^ 1])
+        try:
+            self._call("decrypt", lambda: self._open(forged, nonce, aad))
+        except p11.PKCS11Error as exc:
+            if _is_bad_ciphertext(exc):
+                return False
+            if isinstance(exc, _AMBIGUOUS):
+                return True
+            raise _hsm_error(context, exc) from None
+        raise HSMKeyUnsuitable(f"{context}: the token accepted a forged AES-GCM tag")
 
     # --- identity -------------------------------------------------------------------
 
@@ -399,6 +463,18 @@ class Pkcs11Kek:
     def extractable(self) -> bool:
         """Always ``False``: this provider never exports the key."""
         return False
+
+    @property
+    def always_sensitive(self) -> bool:
+        """The key's ``CKA_ALWAYS_SENSITIVE``: it has been sensitive since it was made (false
+        for a key imported from outside the token, or made readable then)."""
+        return self._always_sensitive
+
+    @property
+    def never_extractable(self) -> bool:
+        """The key's ``CKA_NEVER_EXTRACTABLE``: it was never extractable (false for an
+        imported key: its bytes existed outside the token once)."""
+        return self._never_extractable
 
     def legacy_key(self) -> bytes | None:
         """``None``: the key bytes stay in the token (legacy rows cannot be read with it)."""
@@ -419,28 +495,27 @@ class Pkcs11Kek:
     # --- DEK wrapping ---------------------------------------------------------------
 
     def wrap(self, dek: bytes, version: int) -> bytes:
-        """Wrap ``dek`` for key ``version`` in the token; same bytes as ``codec.wrap_dek``."""
+        """Wrap ``dek`` for key ``version`` in the token; same bytes as ``codec.wrap_dek``.
+
+        A token error is retried (:data:`ATTEMPTS` calls, a fresh nonce each), then
+        :class:`HSMError`."""
         if not isinstance(dek, bytes | bytearray):
             raise TypeError("dek must be bytes")
         if len(dek) != codec.KEY_SIZE:
             raise ValueError(f"dek must be {codec.KEY_SIZE} bytes, got {len(dek)}")
         aad = codec.wrap_aad(version)
-        # Writable: some tokens (AWS CloudHSM) ignore the caller's IV and write the one they
-        # generated into pIv, so what is in the buffer afterwards is the IV actually used.
-        nonce = bytearray(os.urandom(codec.V1.nonce_size))
-        with self._operation():
-            sealed = _as_bytes(self._key.encrypt(
-                bytes(dek), mechanism=Mechanism.AES_GCM, mechanism_param=_gcm(nonce, aad)))
+        nonce, sealed = self._retrying("encrypt", lambda: self._seal(bytes(dek), aad))
         if len(sealed) != codec.WRAPPED_BODY_SIZE:
             raise HSMError(f"{self._context()}: the token returned a GCM result of "
                            f"{len(sealed)} bytes, expected {codec.WRAPPED_BODY_SIZE}")
-        return codec.build(bytes(nonce), sealed)
+        return codec.build(nonce, sealed)
 
     def unwrap(self, wrapped: bytes, version: int) -> bytes:
         """Unwrap the DEK of ``version``; :class:`InvalidToken` if it does not authenticate.
 
         As ``codec.unwrap_dek``: wrong KEK, wrong version, tampering and wrong length all
-        raise the same opaque error.  A token that cannot be reached raises :class:`HSMError`.
+        raise the same opaque error.  A token that fails (unreachable, ``CKR_GENERAL_ERROR``
+        that a retry does not clear) raises :class:`HSMError`, never :class:`InvalidToken`.
         """
         self._check_open()
         dek = self._gcm_open(codec.parse(wrapped, size=codec.WRAPPED_SIZE),
@@ -450,27 +525,82 @@ class Pkcs11Kek:
         return dek
 
     def _gcm_open(self, sealed: codec.Sealed, aad: bytes) -> bytes | None:
-        """The token's AES-GCM open of a format-v1 value, ``None`` if it does not verify."""
-        with self._operation():
+        """The token's AES-GCM open of a format-v1 value, ``None`` if it does not verify.
+
+        Only :data:`_BAD_CIPHERTEXT` is the value's fault.  Anything else is retried with a
+        pause, then :class:`HSMError`; on a token that answers a forged tag ambiguously
+        (:meth:`_calibrate`), an ambiguous answer is the value's only if the token then
+        round-trips a fresh DEK (:meth:`_works`) and gives the same answer again.
+        """
+        def open_value() -> bytes:
+            return self._open(sealed.body, sealed.nonce, aad)
+
+        failure: p11.PKCS11Error | None = None
+        for attempt in range(ATTEMPTS):
+            _pause(attempt)
             try:
-                return _as_bytes(self._key.decrypt(
-                    sealed.body, mechanism=Mechanism.AES_GCM,
-                    mechanism_param=_gcm(sealed.nonce, aad)))
+                return self._call("decrypt", open_value)
             except p11.PKCS11Error as exc:
-                if not _is_bad_ciphertext(exc):
-                    raise  # the token, not the value, failed: HSMError
-        return None
+                failure = exc
+            if _is_bad_ciphertext(failure):
+                return None
+            if self._ambiguous_tag and isinstance(failure, _AMBIGUOUS) and self._works():
+                try:
+                    return self._call("decrypt", open_value)
+                except p11.PKCS11Error as exc:
+                    failure = exc
+                if _is_bad_ciphertext(failure) or isinstance(failure, _AMBIGUOUS):
+                    return None  # the token works; this value does not open
+        assert failure is not None
+        raise _hsm_error(self._context(), failure) from None
+
+    def _works(self) -> bool:
+        """Whether the token wraps and unwraps a fresh DEK right now (a health check)."""
+        dek, aad = os.urandom(codec.KEY_SIZE), codec.wrap_aad(1)
+        try:
+            nonce, sealed = self._call("encrypt", lambda: self._seal(dek, aad))
+            back = self._call("decrypt", lambda: self._open(sealed, nonce, aad))
+        except p11.PKCS11Error:
+            return False
+        return hmac.compare_digest(back, dek)
+
+    def _seal(self, data: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-GCM in the token under a fresh nonce: (the nonce used, ciphertext ‖ tag)."""
+        # Writable: some tokens (AWS CloudHSM) ignore the caller's IV and write the one they
+        # generated into pIv, so what is in the buffer afterwards is the IV actually used.
+        nonce = bytearray(os.urandom(codec.V1.nonce_size))
+        sealed = _as_bytes(self._key.encrypt(data, mechanism=Mechanism.AES_GCM,
+                                             mechanism_param=_gcm(nonce, aad)))
+        return bytes(nonce), sealed
+
+    def _open(self, body: bytes, nonce: bytes, aad: bytes) -> bytes:
+        return _as_bytes(self._key.decrypt(body, mechanism=Mechanism.AES_GCM,
+                                           mechanism_param=_gcm(nonce, aad)))
 
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"{self.describe()} is closed")
 
-    @contextmanager
-    def _operation(self) -> Iterator[None]:
-        """Hold the shared session's lock; turn library exceptions into :class:`HSMError`."""
+    def _call(self, op: str, call: Callable[[], _T]) -> _T:
+        """One token call under the shared session's lock (python-pkcs11 errors raised)."""
+        with self._conn.lock:
+            if self._fault is not None:
+                self._fault(op)
+            return call()
+
+    def _retrying(self, op: str, call: Callable[[], _T]) -> _T:
+        """:meth:`_call`, retried on any PKCS#11 error; :class:`HSMError` after
+        :data:`ATTEMPTS` calls (the lock is not held during the pauses)."""
         self._check_open()
-        with self._conn.lock, _translate_errors(self._context()):
-            yield
+        failure: p11.PKCS11Error | None = None
+        for attempt in range(ATTEMPTS):
+            _pause(attempt)
+            try:
+                return self._call(op, call)
+            except p11.PKCS11Error as exc:
+                failure = exc
+        assert failure is not None
+        raise _hsm_error(self._context(), failure) from None
 
     # --- lifetime -------------------------------------------------------------------
 

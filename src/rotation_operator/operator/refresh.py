@@ -116,7 +116,6 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         return True
     observe_schedule(policy, request)
     fields = {**status.snapshot_fields(snap, conditions.now()),
-              **status.kek_fields_from_status(snap, policy.status),
               **status.schedule_fields(snap, request),
               "retention": status.retention_fields(outcome)}
     if not snap.exact:  # keep when the counts were last exact
@@ -150,6 +149,9 @@ def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed
         return
     meta = current.get("metadata") or {}
     fresh = Policy.from_object(current, policy.namespace, policy.name)
+    # status.kek from the object as it is now, not the timer's older copy: a rekey that
+    # finished meanwhile wrote the new KEK's fields, which must not be put back
+    fields = {**fields, **status.kek_fields_from_status(snap, fresh.status)}
     writer = StatusWriter(fresh)
     before = [dict(c) for c in writer.conds]
     if healed:

@@ -204,10 +204,23 @@ def retention_fields(outcome: Outcome) -> dict[str, Any]:
                        "ready": s.ready} for s in outcome.plan if s not in outcome.done]}
 
 
-def kek_fields(snap: Snapshot, presented: Collection[str], current: str, source: str
-               ) -> dict[str, Any]:
+#: ``status.kek`` fields only a PKCS#11 KEK has: what the token says of the key.
+KEK_PROTECTION_FIELDS = ("alwaysSensitive", "neverExtractable")
+
+
+def kek_protection(kek: object) -> dict[str, bool | None]:
+    """``CKA_ALWAYS_SENSITIVE`` and ``CKA_NEVER_EXTRACTABLE`` of a PKCS#11 KEK as
+    ``status.kek`` fields; None for a KEK held in memory (the merge patch removes them)."""
+    values = (getattr(kek, "always_sensitive", None), getattr(kek, "never_extractable", None))
+    return {name: value if isinstance(value, bool) else None
+            for name, value in zip(KEK_PROTECTION_FIELDS, values, strict=True)}
+
+
+def kek_fields(snap: Snapshot, presented: Collection[str], current: str, source: str,
+               protection: Mapping[str, bool | None] | None = None) -> dict[str, Any]:
     """``status.kek`` and each key's ``kek``: only fingerprints of KEKs presented are named
-    (a stored fingerprint of an unknown KEK would let guesses be checked offline)."""
+    (a stored fingerprint of an unknown KEK would let guesses be checked offline).
+    ``protection``: :func:`kek_protection` of the current KEK, if known."""
     keys = snap.summary()["keys"]
     for key, status in zip(keys, snap.keys, strict=True):
         key["kek"] = None if status.state == "destroyed" else (
@@ -215,7 +228,7 @@ def kek_fields(snap: Snapshot, presented: Collection[str], current: str, source:
     # a destroyed key wraps nothing any more: it needs no KEK
     needed = any(k.kek_fingerprint != current for k in snap.keys if k.state != "destroyed")
     return {"keys": keys, "kek": {"fingerprint": current, "source": source,
-                                  "previousKeksNeeded": needed}}
+                                  "previousKeksNeeded": needed, **(protection or {})}}
 
 
 def kek_fields_from_status(snap: Snapshot, status: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,7 +239,9 @@ def kek_fields_from_status(snap: Snapshot, status: Mapping[str, Any]) -> dict[st
     if not current:
         return {}
     shown = {k.get("kek") for k in status.get("keys") or []} - {None, "unknown"}
-    return kek_fields(snap, {current, *shown}, current, str(kek.get("source") or ""))
+    protection = {name: kek[name] for name in KEK_PROTECTION_FIELDS if name in kek}
+    return kek_fields(snap, {current, *shown}, current, str(kek.get("source") or ""),
+                      protection)
 
 
 def progress(done: int, total: int) -> str:

@@ -242,7 +242,8 @@ def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
     observe_schedule(policy, request)
     writer.patch({**status.snapshot_fields(snap, conditions.now()),
                   **status.kek_fields(snap, {k.fingerprint for k in keks.all},
-                                      keks.current.fingerprint, keks.current.describe()),
+                                      keks.current.fingerprint, keks.current.describe(),
+                                      status.kek_protection(keks.current)),
                   **status.schedule_fields(snap, request)})
 
 
