@@ -333,7 +333,7 @@ def test_missing_module(open_kek: OpenKek, generated: str, tmp_path: Path, modul
 def test_unsuitable_key(softhsm: SoftHSM, open_kek: OpenKek, key_type: str, length: int,
                         attrs: dict[str, bool], why: str) -> None:
     label = softhsm.generate_key(softhsm.new_label("unsuitable"), key_type=key_type,
-                                 length=length, **attrs)
+                                 length=length, overrides=attrs)
     with pytest.raises(HSMKeyUnsuitable, match=why):
         open_kek(label)
 
