@@ -152,6 +152,13 @@ class NotInitialised(SchemaError):
     reason = "NotInitialised"
 
 
+class KeysTableAmbiguous(ConfigError):
+    """No schema was given and the keys table's name is found in more than one schema of
+    the search path: another table could shadow the real one, so nothing is read."""
+
+    reason = "KeysTableAmbiguous"
+
+
 class TargetUnsupported(SchemaError):
     """A target is of a kind the engine refuses (a view, a foreign table, an UPDATE rule,
     row-level security that hides rows from the operator's role)."""

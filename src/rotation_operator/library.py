@@ -1,7 +1,7 @@
 """What applications import: encrypt and decrypt with the keys the operator manages.
 
     from rotation_operator.library import Encryptor
-    enc = Encryptor(dsn, kek)                 # the same KEK the operator reads (bytes, or
+    enc = Encryptor(dsn, kek, schema="app")   # the same KEK the operator reads (bytes, or
                                               # a Kek: pkcs11kek.Pkcs11Kek for an HSM)
     value, key_id = enc.encrypt(b"api-token")  # store both columns together
     plaintext = enc.decrypt(value, key_id)     # key_id None: a legacy (KEK) row
@@ -11,6 +11,13 @@ while a rotation runs: every ``max_age`` seconds ``encrypt`` checks, with one ti
 whether the active key changed (so new writes move to the new DEK within ``max_age`` and
 the rotation's next pass picks up the few written before), and ``decrypt`` reloads the
 ring when it meets a key id it does not know.  Thread-safe.
+
+The keys table is read from one schema, pinned for the encryptor's life: ``schema`` when
+given (do give it), else the one schema of the search path that holds a table of that name
+when the ring is first loaded.  A second one there (a table of the same name that another
+role created earlier in the search path, e.g. in the ``"$user"`` schema) is refused with
+:class:`~rotation_operator.errors.KeysTableAmbiguous`, and one created later is never read:
+no search path can make the library use another keys table.
 
 Every value that fails to decrypt counts in the Prometheus counter
 ``rotation_operator_library_decrypt_failures_total{keys_table}`` of the default registry:
@@ -29,9 +36,14 @@ from prometheus_client import Counter
 
 from rotation_operator.crypto.kek import Kek, as_kek
 from rotation_operator.crypto.keyring import KeyRing
-from rotation_operator.errors import DatabaseUnavailable, InvalidToken, UnknownKeyError
+from rotation_operator.errors import (
+    DatabaseUnavailable,
+    InvalidToken,
+    KeysTableAmbiguous,
+    UnknownKeyError,
+)
 from rotation_operator.policy.config import KEYS_TABLE, identifier
-from rotation_operator.store import keys
+from rotation_operator.store import keys, schema
 from rotation_operator.store.database import Conn, connect, db_errors
 from rotation_operator.store.keystore import KeyStore
 from rotation_operator.store.names import Tables
@@ -49,6 +61,8 @@ class Encryptor:
                  previous: Sequence[bytes | Kek] = ()):
         identifier(keys_table, "keys table", KEYS_TABLE)
         self._tables = Tables(keys_table, schema)
+        #: The name users gave (metrics label): the schema may be pinned only later.
+        self._label = self._tables.qualified_keys
         self._store = KeyStore(self._tables)
         self._dsn = dsn
         # During a rekey the DEKs flip from the previous KEK to the current one in one
@@ -63,6 +77,11 @@ class Encryptor:
     def __repr__(self) -> str:
         return f"Encryptor(keys={self._tables.qualified_keys!r})"
 
+    @property
+    def schema(self) -> str | None:
+        """The keys table's schema: the one given, or the one pinned at the first load."""
+        return self._tables.schema
+
     def encrypt(self, plaintext: bytes) -> tuple[bytes, int]:
         """Encrypt under the active DEK; store ``(value, key_id)`` in the same row."""
         return self._current().encrypt(plaintext)
@@ -76,7 +95,7 @@ class Encryptor:
             except UnknownKeyError:
                 return self.refresh().decrypt(value, key_id)
         except (InvalidToken, UnknownKeyError):
-            DECRYPT_FAILURES.labels(self._tables.qualified_keys).inc()
+            DECRYPT_FAILURES.labels(self._label).inc()
             raise
 
     def refresh(self) -> KeyRing:
@@ -84,11 +103,11 @@ class Encryptor:
         with self._lock:
             try:
                 with db_errors():
-                    ring = self._store.load_ring(self._connection(), self._kek)
+                    ring = self._load(self._connection())
             except DatabaseUnavailable:  # dropped while idle: once more, on a new session
                 self._reset()
                 with db_errors():
-                    ring = self._store.load_ring(self._connection(), self._kek)
+                    ring = self._load(self._connection())
             self._ring, self._checked = ring, time.monotonic()
             return ring
 
@@ -107,6 +126,23 @@ class Encryptor:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _load(self, conn: Conn) -> KeyRing:
+        if self._tables.schema is None:
+            self._pin(conn)
+        return self._store.load_ring(conn, self._kek)
+
+    def _pin(self, conn: Conn) -> None:
+        """Resolve the keys table's schema through the search path once, and keep it."""
+        found = schema.search_path_schemas(conn, self._tables)
+        if len(found) > 1:
+            raise KeysTableAmbiguous(
+                f"keys table {self._tables.keys_table} is found in schemas "
+                f"{', '.join(found)} of the search path: one may shadow the other, so none is "
+                "read; pass schema= naming the operator's keys schema")
+        if found:  # none: the load names the missing table
+            self._tables = Tables(self._tables.keys_table, found[0])
+            self._store = KeyStore(self._tables)
 
     def _current(self) -> KeyRing:
         ring = self._ring

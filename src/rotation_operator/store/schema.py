@@ -39,6 +39,17 @@ def _exists(conn: Conn, tables: Tables, name: str) -> bool:
     return bool(row and row[0])
 
 
+def search_path_schemas(conn: Conn, tables: Tables) -> list[str]:
+    """The schemas of the search path (in its order) that hold a table named like the keys
+    table: where an unqualified name could resolve, now or after a ``CREATE TABLE``."""
+    rows = conn.execute(
+        "SELECT s.name FROM unnest(current_schemas(false)) WITH ORDINALITY AS s(name, pos) "
+        "JOIN pg_namespace n ON n.nspname = s.name "
+        "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s "
+        "AND c.relkind IN ('r', 'p') ORDER BY s.pos", (tables.keys_table,)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def schema_version(conn: Conn, tables: Tables) -> int | None:
     """0 for tables from before versioning, None when there are none at all."""
     if not exists(conn, tables):
