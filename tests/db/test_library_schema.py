@@ -18,8 +18,9 @@ from rotation_operator.library import Encryptor
 from tests.fixtures.fix_app import App, make_app
 from tests.fixtures.roles import APP_ROLE
 
-COLUMNS = ("version, wrapped_dek, kek_fingerprint, state, rotated_by, policy_version, "
-           "created_at, retired_at")
+COLUMNS = sql.SQL(", ").join(sql.Identifier(c) for c in (
+    "version", "wrapped_dek", "kek_fingerprint", "state", "rotated_by", "policy_version",
+    "created_at", "retired_at"))
 
 
 def rotated_app(dsn: str) -> tuple[App, bytes]:
@@ -36,8 +37,8 @@ def shadow(app_dsn: str) -> None:
         shadow_table = sql.Identifier(APP_ROLE, "encryption_keys")
         conn.execute(sql.SQL("CREATE TABLE {} (LIKE public.encryption_keys INCLUDING ALL)"
                              ).format(shadow_table))
-        conn.execute(sql.SQL(f"INSERT INTO {{}} ({COLUMNS}) SELECT {COLUMNS} "
-                             "FROM public.encryption_keys").format(shadow_table))
+        conn.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM public.encryption_keys"
+                             ).format(shadow_table, COLUMNS, COLUMNS))
         conn.execute(sql.SQL("UPDATE {} SET state = 'retired'").format(shadow_table))
         conn.execute(sql.SQL("UPDATE {} SET state = 'active' WHERE version = 1"
                              ).format(shadow_table))
