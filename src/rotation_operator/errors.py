@@ -146,6 +146,26 @@ class AuditChainError(RotationOperatorError):
     reason = "AuditChainBroken"
 
 
+class KeysetTampered(RotationOperatorError):
+    """The keys table was tampered with, in a way a KEK holder can detect: a wrapped DEK
+    that does not unwrap under the KEK its fingerprint names (the bytes were altered or
+    swapped), or a keys-table row or meta row whose MAC does not verify.  Any keys-table
+    tampering a KEK holder can detect is this error, never a wrong KEK or bad input.
+
+    Fails closed everywhere (operator, CLI, library), naming the key version or row:
+    nothing is read or written under a keyset known to be altered.  Restoring the keys
+    table from a backup heals it, so the operator retries (slowly)."""
+
+    reason = "KeysetTampered"
+    retryable = True
+    retry_delay = 300.0
+
+    def __init__(self, message: str, *, key_version: int | None = None):
+        super().__init__(message)
+        #: The DEK version whose row was found altered, when one row is to blame.
+        self.key_version = key_version
+
+
 class NotInitialised(SchemaError):
     """The keys table does not exist yet (nothing was initialised in this database)."""
 

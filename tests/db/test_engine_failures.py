@@ -17,6 +17,7 @@ from rotation_operator.crypto import codec as crypto
 from rotation_operator.errors import (
     DatabaseUnavailable,
     KekMismatchError,
+    KeysetTampered,
     LockLost,
     RowDecryptError,
 )
@@ -90,12 +91,14 @@ def test_tampered_or_swapped_wrapped_dek_is_refused(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         conn.execute("UPDATE encryption_keys SET wrapped_dek = (SELECT wrapped_dek "
                      "FROM encryption_keys WHERE version = 2) WHERE version = 1")
-    with pytest.raises(KekMismatchError, match=r"DEK v1 does not unwrap .* altered"):
+    with pytest.raises(KeysetTampered, match=r"DEK v1 \(retired\) .* does not unwrap .* "
+                                             r"altered") as info:
         app.engine().rotate(3, ONLINE)
+    assert info.value.reason == "KeysetTampered" and info.value.key_version == 1
     with psycopg.connect(dsn) as conn:
         conn.execute("UPDATE encryption_keys SET wrapped_dek = "
                      "overlay(wrapped_dek placing '\\xff' from 20 for 1) WHERE version = 2")
-    with pytest.raises(KekMismatchError, match="DEK v2 does not unwrap"):
+    with pytest.raises(KeysetTampered, match=r"DEK v2 \(active\) .* does not unwrap"):
         app.engine().initialise()
     after = dump(dsn)
     assert after["public.secrets"] == before["public.secrets"]

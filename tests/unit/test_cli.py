@@ -18,6 +18,8 @@ from rotation_operator.errors import (
     ConfigError,
     DatabaseUnavailable,
     KekError,
+    KekMismatchError,
+    KeysetTampered,
     LockHeld,
     RowDecryptError,
 )
@@ -27,7 +29,7 @@ KEY = bytes(range(32))
 
 
 def test_exit_statuses_keep_their_numbers() -> None:
-    assert [int(s) for s in ExitStatus] == [0, 1, 2, 3, 130]
+    assert [int(s) for s in ExitStatus] == [0, 1, 2, 3, 4, 130]
 
 
 @pytest.mark.parametrize(("error", "status"), [
@@ -36,6 +38,8 @@ def test_exit_statuses_keep_their_numbers() -> None:
     (KekError("bad"), ExitStatus.USAGE),
     (DatabaseUnavailable("down"), ExitStatus.RETRY),
     (LockHeld("busy"), ExitStatus.RETRY),
+    (KeysetTampered("wrapped DEK v1 altered", key_version=1), ExitStatus.TAMPERED),
+    (KekMismatchError("not the KEK that wrapped DEK v1"), ExitStatus.USAGE),
 ])
 def test_errors_map_to_exit_statuses(error: Exception, status: ExitStatus) -> None:
     assert exit_status(error) is status  # type: ignore[arg-type]

@@ -119,7 +119,9 @@ def verify(args: argparse.Namespace) -> ExitStatus:
 
     rep = verify_rows(_dsn(args), _config(args), keks(args))
     output.verified(rep, args.output)
-    return ExitStatus.OK if rep.ok else ExitStatus.FAILED
+    if rep.ok:
+        return ExitStatus.OK
+    return ExitStatus.RETRY if rep.in_progress else ExitStatus.FAILED
 
 
 #: The function of each subcommand (``run`` is the operator's: :func:`..app.main`).

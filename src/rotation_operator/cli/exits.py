@@ -2,8 +2,9 @@
 
 0 success; 1 the operation failed (a row did not decrypt, verify found problems); 2 bad
 input (flags, spec, KEK format, wrong KEK); 3 try again later (database unreachable,
-another rotation holds the lock); 130 interrupted.  Pipelines branch on these numbers:
-they never change.
+another rotation holds the lock, verify during a running rotation); 4 the keys table was
+tampered with (:class:`KeysetTampered`: any alteration a KEK holder can detect); 130
+interrupted.  Pipelines branch on these numbers: they never change.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rotation_operator.errors import (
     InternalError,
     KekError,
     KeyInUse,
+    KeysetTampered,
     RotationCancelled,
     RotationOperatorError,
     RotationPaused,
@@ -40,6 +42,8 @@ class ExitStatus(IntEnum):
     USAGE = 2
     #: Try again later: the database is unreachable, another rotation holds the lock.
     RETRY = 3
+    #: The keys table was tampered with (:class:`KeysetTampered`): restore it from backup.
+    TAMPERED = 4
     #: Stopped by Ctrl-C (128 + SIGINT).
     INTERRUPTED = 130
 
@@ -50,7 +54,9 @@ _DATA_ERRORS = (RowDecryptError, UnknownKeyError, AuditChainError, RotationStuck
 
 
 def exit_status(exc: RotationOperatorError) -> ExitStatus:
-    """1 failed (data), 2 bad input or setup, 3 try again later."""
+    """1 failed (data), 2 bad input or setup, 3 try again later, 4 tampered."""
+    if isinstance(exc, KeysetTampered):
+        return ExitStatus.TAMPERED
     if isinstance(exc, _DATA_ERRORS):
         return ExitStatus.FAILED
     if isinstance(exc, ConfigError | KekError | DatabaseForbidden):

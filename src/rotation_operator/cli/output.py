@@ -205,6 +205,8 @@ def verified(rep: VerifyReport, fmt: str) -> None:
         print(json.dumps({"ok": rep.ok, "rows": rep.rows, "legacy": rep.legacy,
                           "perKey": rep.per_key, "failures": rep.failures,
                           "underRetiredKeys": rep.retired,
+                          "pendingRotation": rep.pending, "rotation": rep.rotation,
+                          "underUnusableKeys": rep.unusable,
                           "auditEvents": rep.audit_events, "auditHead": rep.audit_head,
                           "auditError": rep.audit_error}))
         return
@@ -216,7 +218,29 @@ def verified(rep: VerifyReport, fmt: str) -> None:
         under = ", ".join(f"{k}: {n}" for k, n in sorted(rep.retired.items()))
         print(f"rows under retired keys: {under} (run `sweep`, or let the operator's "
               "refresh sweep them)")
+    if rep.pending and rep.rotation is not None:
+        _pending(rep.pending, rep.rotation)
+    for name, entry in sorted(rep.unusable.items()):
+        way_out = (f"`keys enable {name[1:]}` to read them" if entry["state"] == "disabled"
+                   else "its DEK is erased: no one can read them; delete them or have the "
+                        "application write them anew")
+        print(f"rows under {entry['state']} DEK {name}: {entry['rows']} ({way_out})")
     chain = f"BROKEN: {rep.audit_error}" if rep.audit_error else \
         f"ok (head {rep.audit_head[:16]})"
     print(f"audit chain: {rep.audit_events} events, {chain}")
-    print("verify: OK" if rep.ok else "verify: FAILED")
+    print("verify: OK" if rep.ok else "verify: NOT YET (a rotation is running)"
+          if rep.in_progress else "verify: FAILED")
+
+
+def _pending(pending: dict[str, int], rotation: dict[str, Any]) -> None:
+    rows = sum(pending.values())
+    under = ", ".join(f"{k}: {n}" for k, n in sorted(pending.items()))
+    state = "is running" if rotation["inProgress"] else \
+        "STOPPED (stuck, paused or interrupted: no rotator holds its lock)"
+    what = "verify again once it has finished" if rotation["inProgress"] else \
+        "fix what stopped it (the operator's condition or the rotate command says what), " \
+        "then run `rotate` again to resume it"
+    kind = "sweep" if rotation["kind"] == "sweep" else "rotation"
+    print(f"{kind} to v{rotation['toVersion']} {state}: "
+          f"{rotation['reEncrypted']} of {rotation['total']} rows moved, {rows} still under "
+          f"a non-active key ({under}); {what}")

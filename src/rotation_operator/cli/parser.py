@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "KEK)"))
 
     verify = sub.add_parser("verify", help="decrypt every row and check the audit chain "
-                                           "(read-only); exit 1 on any failure")
+                                           "(read-only); exit 1 on any failure (rows that "
+                                           "do not decrypt, or under a retired, disabled or "
+                                           "destroyed key, or left by a stopped rotation), "
+                                           "3 while a rotation is moving rows, 4 if the "
+                                           "keys table was tampered with")
     _store_args(verify, kek=True)
     verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return p

@@ -137,6 +137,8 @@ class Engine:
                 first = self._legacy_kek(conn, layouts)
             self.store.migrate(conn)
             if coverage is not None:
+                if self.store.list_keys(conn):  # prove the keyset before writing to it
+                    self.store.load_ring(conn, self.keks)
                 self.store.record_coverage(conn, layouts, self.owner, self.actor)
             created = self.store.ensure_active_key(conn, first or self._kek, self.actor,
                                                    policy_version, layouts)

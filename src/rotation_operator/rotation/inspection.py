@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rotation_operator.crypto.kek import Kek
-from rotation_operator.errors import AuditChainError, InvalidToken, NotInitialised, UnknownKeyError
+from rotation_operator.errors import (
+    AuditChainError,
+    InvalidToken,
+    NotInitialised,
+    Superseded,
+    UnknownKeyError,
+)
 from rotation_operator.policy.config import StoreConfig
 from rotation_operator.policy.decisions import (
     Running,
@@ -35,6 +41,7 @@ from rotation_operator.store.database import (
 )
 from rotation_operator.store.keys import KeyRecord
 from rotation_operator.store.keystore import KeyStore
+from rotation_operator.store.locks import rotation_lock_held
 from rotation_operator.store.rotations import RotationRecord
 from rotation_operator.store.targets import scan
 
@@ -245,19 +252,42 @@ class VerifyReport:
     per_key: dict[str, int] = field(default_factory=dict)
     #: Rows under a retired key (or a retiring one while no rotation runs), by key.
     retired: dict[str, int] = field(default_factory=dict)
+    #: Rows the unfinished rotation has yet to move off a non-active key (its retiring
+    #: keys; legacy rows too while no rotation has finished), by key.
+    pending: dict[str, int] = field(default_factory=dict)
+    #: The unfinished rotation record, when rows are pending: kind, toVersion,
+    #: reEncrypted, total, and ``inProgress`` (a rotator holds its lock) or not (it
+    #: stopped: stuck, paused, interrupted).
+    rotation: dict[str, Any] | None = None
+    #: Rows under a disabled or destroyed key, which no ring reads: key -> state, rows.
+    unusable: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit_events: int = 0
     audit_head: str = ""
     audit_error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failures and self.audit_error is None and not self.retired
+        return (not self.failures and self.audit_error is None and not self.retired
+                and not self.pending and not self.unusable)
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether the only thing wrong is rows a running rotation is still moving (verify
+        again once it finishes)."""
+        return bool(self.pending and self.rotation and self.rotation["inProgress"]
+                    and not self.failures and self.audit_error is None and not self.retired
+                    and not self.unusable)
 
 
 def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
            max_failures: int = 100) -> VerifyReport:
-    """Decrypt every row of every target, find rows under retired keys, and check the
-    audit chain; writes nothing."""
+    """Decrypt every row of every target, find rows under retired keys, under keys an
+    unfinished rotation has yet to move them off and under disabled or destroyed keys,
+    and check the audit chain; writes nothing.
+
+    A keys table whose wrapped DEK does not unwrap under the KEK its fingerprint names
+    raises :class:`~rotation_operator.errors.KeysetTampered` (fail closed: no row is
+    read under an altered keyset)."""
     store = KeyStore(cfg)
     report = VerifyReport()
     with db_errors(), connect(dsn) as conn:
@@ -266,32 +296,83 @@ def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
             read_only_snapshot(conn)
             ring = store.load_ring(conn, keks)
             records = store.rotation_records(conn)
-            stale_keys = _stale_keys(store.list_keys(conn), records)
+            keys = store.list_keys(conn)
+            stale_keys = _stale_keys(keys, records)
+            running = running_record(records)
+            pending_keys = _pending_keys(keys, records) if running is not None else set()
+            unusable = {k.version: k.state for k in keys
+                        if k.state in ("disabled", "destroyed")}
+            check = _Check(ring.decrypt, stale_keys, pending_keys, unusable, max_failures)
             for layout in layouts:
-                _verify_target(conn, layout, ring.decrypt, stale_keys, report, max_failures)
+                check.target(conn, layout, report)
             try:
                 chain = audit.verify(conn, cfg)
                 report.audit_events, report.audit_head = chain.events, chain.head
             except AuditChainError as exc:
                 report.audit_error = str(exc)
+        if running is not None and report.pending:
+            report.rotation = _unfinished(conn, cfg, store, running)
     return report
 
 
-def _verify_target(conn: Conn, layout: Layout, decrypt: Any, stale_keys: set[int | None],
-                   report: VerifyReport, max_failures: int) -> None:
-    t = layout.target
-    for row_id, key_id, value in scan(conn, layout):
-        report.rows += 1
-        report.legacy += key_id is None
-        name = "legacy" if key_id is None else f"v{key_id}"
-        report.per_key[name] = report.per_key.get(name, 0) + 1
-        if key_id in stale_keys:
-            report.retired[name] = report.retired.get(name, 0) + 1
-        try:
-            decrypt(value, key_id)
-        except (InvalidToken, UnknownKeyError):
-            if len(report.failures) < max_failures:
-                report.failures.append({"table": t.name, "id": str(row_id),
-                                        "key_id": key_id})
-            else:
-                report.failures[-1]["more"] = True
+def _pending_keys(keys: list[KeyRecord], records: list[RotationRecord]) -> set[int | None]:
+    """Key ids an unfinished rotation moves rows off: its retiring keys, and the KEK
+    itself (legacy rows) until a rotation has finished."""
+    pending: set[int | None] = {k.version for k in keys if k.state == "retiring"}
+    if not migrated(records):
+        pending.add(None)
+    return pending
+
+
+def _unfinished(conn: Conn, cfg: StoreConfig, store: KeyStore, running: RotationRecord
+                ) -> dict[str, Any]:
+    """The unfinished rotation as verify saw it, and whether it is moving now: a rotator
+    holds the lock, or the record is no longer running (it finished since the snapshot).
+    Looked at after the snapshot, the lock before the record, so a rotation that ran all
+    along is never called stopped."""
+    # The lock first: a rotator finishes its record before it lets the lock go.
+    held = rotation_lock_held(conn, cfg)
+    try:
+        phase = store.record(conn, running.id).phase
+    except Superseded:  # the record is gone: whatever it was, it is not stopped there
+        phase = "gone"
+    moving = held or phase != "running"
+    return {"kind": running.kind, "toVersion": running.to_version,
+            "reEncrypted": running.re_encrypted, "total": running.total,
+            "inProgress": moving}
+
+
+@dataclass
+class _Check:
+    """What verify checks of each row."""
+
+    decrypt: Any
+    stale_keys: set[int | None]
+    pending_keys: set[int | None]
+    unusable: dict[int, str]
+    max_failures: int
+
+    def target(self, conn: Conn, layout: Layout, report: VerifyReport) -> None:
+        t = layout.target
+        for row_id, key_id, value in scan(conn, layout):
+            report.rows += 1
+            report.legacy += key_id is None
+            name = "legacy" if key_id is None else f"v{key_id}"
+            report.per_key[name] = report.per_key.get(name, 0) + 1
+            if key_id in self.stale_keys:
+                report.retired[name] = report.retired.get(name, 0) + 1
+            elif key_id in self.pending_keys:
+                report.pending[name] = report.pending.get(name, 0) + 1
+            if key_id is not None and key_id in self.unusable:
+                entry = report.unusable.setdefault(
+                    name, {"state": self.unusable[key_id], "rows": 0})
+                entry["rows"] += 1
+                continue
+            try:
+                self.decrypt(value, key_id)
+            except (InvalidToken, UnknownKeyError):
+                if len(report.failures) < self.max_failures:
+                    report.failures.append({"table": t.name, "id": str(row_id),
+                                            "key_id": key_id})
+                else:
+                    report.failures[-1]["more"] = True

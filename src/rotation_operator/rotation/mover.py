@@ -74,6 +74,7 @@ from rotation_operator.store.database import (
     translate,
 )
 from rotation_operator.store.keystore import KeyStore
+from rotation_operator.store.targets import Scope
 
 log = logging.getLogger(__name__)
 BATCH_RETRIES = 5
@@ -169,7 +170,7 @@ class Work:
     layout: Layout
     heap: Heap
     fence: Fence | None  # None inside an Atomic transaction (the record is locked already)
-    legacy: bool         # also move legacy (NULL) rows
+    legacy: Scope        # also (or only) move legacy (NULL) rows
     batch_size: int
     max_batch_bytes: int
     #: Count the application sessions each batch blocks (load back-off).

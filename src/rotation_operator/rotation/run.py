@@ -54,6 +54,8 @@ from rotation_operator.store.keystore import (
 from rotation_operator.store.locks import InFlight, RotationLock, in_flight, still_open
 from rotation_operator.store.rotations import seconds_since, still_ours
 from rotation_operator.store.targets import (
+    LEGACY_ONLY,
+    Scope,
     lock_against_writes,
     not_updatable,
 )
@@ -211,8 +213,12 @@ class Run:
     def _resume(self, running: Running, mode: str) -> _Claim:
         fence = self.store.claim_resume(self.conn, running.id, mode)
         record = self.store.record(self.conn, running.id)
-        self.counter.total = self.store.count_stale(self.conn, self.layouts,
-                                                    record.to_version, legacy=True)
+        # What this run has to move: the rows left (the record counts on from what the
+        # earlier runs moved).
+        left = self.store.count_stale(self.conn, self.layouts, record.to_version,
+                                      legacy=True)
+        self.store.set_left(self.conn, record.id, left)
+        self.counter.total = self.counter.done + left
         audit.append(self.conn, self.e.cfg, "rotation_resumed", key_version=record.to_version,
                      actor=self.e.actor, detail={"policy_version": record.requested_version,
                                                  "kind": record.kind, "mode": mode,
@@ -221,22 +227,28 @@ class Run:
         return _Claim(record.id, fence, record.kind, record.requested_version,
                       record.from_version, record.to_version, True, datetime.min)
 
-    def _claim_sweep(self, legacy: bool = False) -> _Claim:
+    def _claim_sweep(self, legacy: Scope = False) -> _Claim:
         active = self.ring.active_version
         total = self.store.count_stale(self.conn, self.layouts, active, legacy=legacy)
         record_id, fence = self.store.claim_new(
             self.conn, kind="sweep", requested=None, mode="Online", from_version=None,
             to_version=active, actor=self.e.actor, total=total)
-        self.counter.total = total
+        # This run may have moved rows already (the rotation a sweep follows).
+        self.counter.total = self.counter.done + total
         return _Claim(record_id, fence, "sweep", None, None, active, False, datetime.min)
 
     # -- rekey -----------------------------------------------------------------------------
     def rekey(self) -> tuple[int, ...]:
         """Wrap every DEK under the current KEK, unwrapping each with the previous KEK that
         wrapped it.  Legacy rows go first (they are under the old KEK itself): a sweep that
-        moves them onto the active DEK.  Then one transaction rewraps every key, each new
-        wrap checked before it is written.  Idempotent and crash-safe: the stored
-        fingerprints say what is left."""
+        moves them, and only them, onto the active DEK.  Then one transaction rewraps every
+        key, each new wrap checked before it is written.  Idempotent and crash-safe: the
+        stored fingerprints say what is left.
+
+        No other value changes (``docs/format.md`` §3): a row under a retired DEK needs
+        that DEK, not the old KEK, and the DEK is rewrapped.  Moving it would not help
+        against a leaked old KEK either: the active DEK was wrapped by it too (a rotation
+        after the rekey mints one the old KEK never saw)."""
         current = self.e._kek
         if not self.ring.reads_legacy_as(current) and has_legacy_rows(self.conn,
                                                                       self.layouts):
@@ -245,11 +257,11 @@ class Run:
             log.info("moving legacy rows onto DEK v%s before the KEK changes",
                      self.ring.active_version)
             with self.conn.transaction():
-                claim = self._claim_sweep(legacy=True)
+                claim = self._claim_sweep(legacy=LEGACY_ONLY)
             self.claim = dataclasses.replace(claim, announced=self.store.announce(
                 self.conn, claim.record_id, claim.fence))
-            self._passes(legacy=True, after_handover=False)
-            self._finish(legacy=True)
+            self._passes(legacy=LEGACY_ONLY, after_handover=False)
+            self._finish(legacy=LEGACY_ONLY)
         faults.point("rekey-after-legacy")
         with self.conn.transaction():
             # Disabled keys too: enabling one later must not need the old KEK.
@@ -265,7 +277,7 @@ class Run:
         return tuple(done)
 
     # -- moving rows ---------------------------------------------------------------------
-    def _work(self, layout: Layout, heap_index: int, legacy: bool, fenced: bool
+    def _work(self, layout: Layout, heap_index: int, legacy: Scope, fenced: bool
               ) -> mover.Work:
         claim = self.claim
         assert claim is not None
@@ -275,7 +287,7 @@ class Run:
                           self.options.max_batch_bytes,
                           count_blocked=fenced and self.options.max_blocked_sessions is not None)
 
-    def _pass(self, *, legacy: bool) -> tuple[int, int]:
+    def _pass(self, *, legacy: Scope) -> tuple[int, int]:
         """One pass over every heap of every target; returns (rows moved, rows read)."""
         before_done, read = self.counter.done, [0]
 
@@ -304,7 +316,7 @@ class Run:
                     batch.move_range(self.conn, pl, lo, hi, own_tx=True, on_batch=on_batch)
         return self.counter.done - before_done, read[0]
 
-    def _passes(self, *, legacy: bool, after_handover: bool) -> int:
+    def _passes(self, *, legacy: Scope, after_handover: bool) -> int:
         """Pass until a count finds no row left; returns the rows these passes moved.
 
         A pass that moves nothing while rows remain counts as a strike (a trigger
@@ -321,7 +333,7 @@ class Run:
                                           legacy=legacy)
             if not left:
                 return 0
-            self._add_total(left)
+            self._left(left)
         for number in range(1, MAX_FINAL_PASSES + 1):
             moved, _ = self._pass(legacy=legacy)
             moved_total += moved
@@ -329,7 +341,7 @@ class Run:
                                           legacy=legacy)
             if not left:
                 return moved_total
-            self._add_total(left)
+            self._left(left)
             strikes = strikes + 1 if moved == 0 else 0
             if strikes >= STUCK_PASSES:
                 raise self._stuck(legacy, f"{STUCK_PASSES} passes moved none of the {left} "
@@ -340,15 +352,17 @@ class Run:
                                   f"{MAX_FINAL_PASSES} passes (an application writes with a "
                                   "stale key ring)" if after_handover else "too many passes")
 
-    def _add_total(self, left: int) -> None:
-        """Rows found still to move: the rotation's total grows by them (recorded)."""
-        self.counter.total += left
+    def _left(self, left: int) -> None:
+        """A count found ``left`` rows still to move: the total is the rows moved and
+        those left, in this run's progress and in the record (rows, not passes: a row a
+        pass could not move counts once, however many passes try it)."""
+        self.counter.total = self.counter.done + left
         claim = self.claim
         assert claim is not None
         with self.conn.transaction():
-            self.store.add_progress(self.conn, claim.record_id, 0, left)
+            self.store.set_left(self.conn, claim.record_id, left)
 
-    def _stuck(self, legacy: bool, why: str) -> RotationStuck:
+    def _stuck(self, legacy: Scope, why: str) -> RotationStuck:
         active = self.ring.active_version
         for layout in self.layouts:
             for heap in layout.heaps:
@@ -456,7 +470,7 @@ class Run:
                     f"{row[1]}, or use Online mode (column grants suffice)")
 
     # -- finishing -----------------------------------------------------------------------
-    def _finish(self, *, legacy: bool) -> tuple[int, ...]:
+    def _finish(self, *, legacy: Scope) -> tuple[int, ...]:
         claim = self.claim
         assert claim is not None
         with self.conn.transaction():

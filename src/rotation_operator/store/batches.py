@@ -15,7 +15,7 @@ from psycopg import sql
 
 from rotation_operator.store.catalog import Heap, Layout
 from rotation_operator.store.database import Conn
-from rotation_operator.store.targets import stale_condition
+from rotation_operator.store.targets import Scope, stale_condition
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Statements:
     update_checked: sql.Composed
 
 
-def statements(layout: Layout, heap: Heap, legacy: bool) -> Statements:
+def statements(layout: Layout, heap: Heap, legacy: Scope) -> Statements:
     t = layout.target
     names = {"h": heap.ident, "id": sql.Identifier(t.id_column),
              "val": sql.Identifier(t.value_column), "kid": sql.Identifier(t.key_id_column),

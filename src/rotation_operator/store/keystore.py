@@ -28,6 +28,7 @@ from rotation_operator.crypto.keyring import KeyRing, legacy_cipher
 from rotation_operator.errors import (
     InvalidToken,
     KekMismatchError,
+    KeysetTampered,
     LegacyNeedsRawKek,
     RotationOperatorError,
 )
@@ -41,7 +42,12 @@ from rotation_operator.store.keys import READABLE, KeyRecord
 from rotation_operator.store.names import Tables
 from rotation_operator.store.rotations import RotationRecord
 from rotation_operator.store.schema import SCHEMA_VERSION
-from rotation_operator.store.targets import check_no_key_ids, has_legacy_rows, stale_condition
+from rotation_operator.store.targets import (
+    Scope,
+    check_no_key_ids,
+    has_legacy_rows,
+    stale_condition,
+)
 
 __all__ = ["LEGACY_SAMPLE", "READABLE", "SCHEMA_VERSION", "Coverage", "KeyRecord", "KeyStore",
            "RotationRecord", "check_legacy_kek", "check_no_key_ids", "has_legacy_rows",
@@ -134,7 +140,9 @@ class KeyStore:
     def load_ring(self, conn: Conn, keks: Sequence[Kek], *,
                   disabled: bool = False) -> KeyRing:
         """Unwrap every stored DEK with whichever presented KEK wrapped it (the current
-        one, or a previous one during a rekey); fail closed with :class:`KekMismatchError`.
+        one, or a previous one during a rekey); fail closed with :class:`KekMismatchError`
+        when no KEK presented wrapped a key, and :class:`KeysetTampered` when the KEK its
+        fingerprint names does not unwrap it (the wrap was altered).
 
         Every key is checked, not only the active one: rows (and backups) may reference any.
         Messages name only the fingerprints of the KEKs presented, never a stored one (it
@@ -164,9 +172,13 @@ class KeyStore:
             try:
                 deks[k.version] = kek.unwrap(k.wrapped_dek, k.version)
             except InvalidToken:
-                raise KekMismatchError(
-                    f"wrapped DEK v{k.version} does not unwrap under the KEK although the "
-                    "fingerprints match: the keys table was altered") from None
+                # The KEK named is here, so the wrap itself was altered (or swapped from
+                # another row): tampering, whichever key it is, used or not.
+                raise KeysetTampered(
+                    f"wrapped DEK v{k.version} ({k.state}) of {self.cfg.qualified_keys} does "
+                    f"not unwrap under the KEK its fingerprint names ({kek.fingerprint}): "
+                    "the keys table was altered; restore it from a backup",
+                    key_version=k.version) from None
         return KeyRing.of(active[0], deks, legacy_kek(keys, presented), unavailable)
 
     def rewrap(self, conn: Conn, ring: KeyRing, current: Kek, actor: str) -> list[int]:
@@ -257,9 +269,11 @@ class KeyStore:
         rotations.check_fence(conn, self.tables, record_id, fence, key_version,
                               exclusive=exclusive)
 
-    def add_progress(self, conn: Conn, record_id: int, moved: int, more_total: int = 0
-                     ) -> None:
-        rotations.add_progress(conn, self.tables, record_id, moved, more_total)
+    def add_progress(self, conn: Conn, record_id: int, moved: int) -> None:
+        rotations.add_progress(conn, self.tables, record_id, moved)
+
+    def set_left(self, conn: Conn, record_id: int, left: int) -> None:
+        rotations.set_left(conn, self.tables, record_id, left)
 
     def finish_record(self, conn: Conn, record_id: int, report: Mapping[str, Any]) -> None:
         rotations.finish_record(conn, self.tables, record_id, report)
@@ -279,11 +293,11 @@ class KeyStore:
                                      rotations.last_finished(conn, self.tables))
 
     def count_stale(self, conn: Conn, layouts: Iterable[Layout], active: int, *,
-                    legacy: bool = True) -> int:
+                    legacy: Scope = True) -> int:
         return targets.count_stale(conn, layouts, active, legacy=legacy)
 
     def example_stale(self, conn: Conn, layout: Layout, heap: Heap, active: int,
-                      legacy: bool) -> object:
+                      legacy: Scope) -> object:
         return targets.example_stale(conn, layout, heap, active, legacy)
 
 

@@ -149,6 +149,20 @@ class RotationLock:
             conn.close()
 
 
+def rotation_lock_held(conn: Conn, cfg: StoreConfig) -> bool:
+    """Whether some session holds the rotation lock of this keys table now: a rotation in
+    progress, not one that stopped (``pg_locks``, which every role may read; taking the
+    lock to find out would make a starting rotator fail with :class:`LockHeld`).  A
+    bigint advisory key shows as its high and low 32 bits, ``objsubid`` 1."""
+    key = KeyStore(cfg).lock_key(conn, "rotate") & 0xFFFF_FFFF_FFFF_FFFF
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND classid::int8 = %s AND objid::int8 = %s AND objsubid = 1)",
+        (key >> 32, key & 0xFFFF_FFFF)).fetchone()
+    return bool(row and row[0])
+
+
 def _postmaster_started(conn: Conn) -> object:
     """When the server's postmaster started: another value means another server run."""
     row = conn.execute("SELECT pg_postmaster_start_time()").fetchone()

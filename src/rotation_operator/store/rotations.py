@@ -203,20 +203,28 @@ def still_ours(conn: Conn, tables: Tables, active_version: int) -> bool:
     return running is None and active is not None and active[0] == active_version
 
 
-def add_progress(conn: Conn, tables: Tables, record_id: int, moved: int,
-                 more_total: int = 0) -> None:
+def add_progress(conn: Conn, tables: Tables, record_id: int, moved: int) -> None:
     """Count rows a batch moved, in the batch's own transaction (exact across crashes
-    and workers); ``more_total``: rows found left by a later pass."""
+    and workers)."""
     conn.execute(sql.SQL(
-        "UPDATE {rot} SET re_encrypted = re_encrypted + %s, total = total + %s "
-        "WHERE id = %s").format(rot=tables.rotations), (moved, more_total, record_id))
+        "UPDATE {rot} SET re_encrypted = re_encrypted + %s WHERE id = %s").format(
+            rot=tables.rotations), (moved, record_id))
+
+
+def set_left(conn: Conn, tables: Tables, record_id: int, left: int) -> None:
+    """A count found ``left`` rows still to move: the record's total is the rows it has
+    to move, those it moved and those left (rows, not passes: a row a pass could not
+    move is counted once however often it is tried)."""
+    conn.execute(sql.SQL("UPDATE {rot} SET total = re_encrypted + %s WHERE id = %s").format(
+        rot=tables.rotations), (left, record_id))
 
 
 def finish_record(conn: Conn, tables: Tables, record_id: int, report: Mapping[str, Any]
                   ) -> None:
+    """Done: none left, so the total is the rows it moved."""
     conn.execute(sql.SQL(
         "UPDATE {rot} SET phase = 'done', finished_at = now(), "
-        "total = greatest(total, re_encrypted), report = report || %s WHERE id = %s"
+        "total = re_encrypted, report = report || %s WHERE id = %s"
     ).format(rot=tables.rotations), (Jsonb(dict(report)), record_id))
 
 

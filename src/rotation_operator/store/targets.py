@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import Final, Literal
 
 from psycopg import sql
 
@@ -20,10 +21,20 @@ from rotation_operator.store import names
 from rotation_operator.store.catalog import Heap, Layout
 from rotation_operator.store.database import Conn
 
+#: Legacy rows alone (key id NULL), none under a DEK: what a rekey moves before the KEK
+#: changes (rows under retired DEKs stay: their DEKs are rewrapped, not replaced).
+LEGACY_ONLY: Final = "only"
+#: Which rows not under the active key a statement takes: ``False`` those under another
+#: DEK, ``True`` those and legacy rows, :data:`LEGACY_ONLY` legacy rows alone.
+Scope = bool | Literal["only"]
 
-def stale_condition(layout: Layout, legacy: bool) -> sql.Composed:
-    """``key_id`` not the active key (``%(active)s``); legacy rows included if asked."""
+
+def stale_condition(layout: Layout, legacy: Scope) -> sql.Composed:
+    """``key_id`` not the active key (``%(active)s``); legacy rows included if asked, or
+    only they (:data:`LEGACY_ONLY`)."""
     kid = sql.Identifier(layout.target.key_id_column)
+    if legacy == LEGACY_ONLY:
+        return sql.SQL("{kid} IS NULL").format(kid=kid)
     if legacy:
         return sql.SQL("({kid} IS NULL OR {kid} <> %(active)s)").format(kid=kid)
     return sql.SQL("{kid} <> %(active)s").format(kid=kid)
@@ -94,9 +105,9 @@ def key_estimates(conn: Conn, layout: Layout, active: int | None, exact_below: i
 
 
 def count_stale(conn: Conn, layouts: Iterable[Layout], active: int, *,
-                legacy: bool = True) -> int:
+                legacy: Scope = True) -> int:
     """Rows of all targets not under ``active`` (``legacy=False``: under a non-active
-    DEK only)."""
+    DEK only; :data:`LEGACY_ONLY`: legacy rows only)."""
     total = 0
     for layout in layouts:
         row = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {cond}").format(
@@ -113,7 +124,7 @@ def count_keyed(conn: Conn, layout: Layout) -> int:
     return int(row[0]) if row else 0
 
 
-def example_stale(conn: Conn, layout: Layout, heap: Heap, active: int, legacy: bool
+def example_stale(conn: Conn, layout: Layout, heap: Heap, active: int, legacy: Scope
                   ) -> object:
     """The id of one row of ``heap`` not under ``active``, to name it in an error."""
     row = conn.execute(sql.SQL("SELECT {id} FROM ONLY {h} WHERE {cond} LIMIT 1").format(
