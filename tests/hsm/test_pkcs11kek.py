@@ -438,6 +438,14 @@ def test_only_a_pkcs11_key_is_said_to_keep_its_bytes(open_kek: OpenKek, generate
     assert "file:raw" in str(info.value)
     for false in ("does not let its bytes out", "keeps its bytes", "never lets"):
         assert false not in str(info.value)
+    # A token key cannot be the legacy KEK of `sweep --legacy-kek`: refused up front.
+    from rotation_operator.errors import ConfigError
+    from rotation_operator.policy.config import StoreConfig, Target
+    from rotation_operator.rotation.engine import Engine
+
+    with pytest.raises(ConfigError, match="PKCS#11 key never lets its bytes out"):
+        Engine("postgresql://unused", StoreConfig([Target("secrets")]), [raw], actor="t",
+               legacy_kek=hsm)
     # A ring whose KEK is the token's reads no legacy row, and says why.
     ring = KeyRing.of(1, {1: crypto.new_key()}, hsm)
     assert not ring.reads_legacy

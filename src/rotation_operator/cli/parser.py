@@ -218,7 +218,8 @@ def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
                             "pin-file=PATH) for a key that never leaves an HSM")
         k.add_argument("--previous-kek", action="append", metavar="SOURCE",
                        help="a KEK that wrapped the keys before (repeatable, same forms): "
-                            "read during a rekey")
+                            "read during a rekey; verify also tries it on legacy rows the "
+                            "key ring does not read")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
