@@ -140,6 +140,14 @@ class UnknownKeyError(RotationOperatorError):
     retryable = True
 
 
+class LegacyReadsClosed(UnknownKeyError):
+    """A legacy row (key id NULL) met after every legacy row was migrated onto a DEK, while
+    legacy reads are closed: a rollback (an old ciphertext put back) or an application
+    still writing without DEKs.  Refused, never decrypted or moved (``docs/format.md`` §8)."""
+
+    reason = "LegacyReadsClosed"
+
+
 class AuditChainError(RotationOperatorError):
     """The audit log's hash chain is broken: a row was altered, removed or inserted."""
 

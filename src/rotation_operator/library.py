@@ -19,6 +19,13 @@ role created earlier in the search path, e.g. in the ``"$user"`` schema) is refu
 :class:`~rotation_operator.errors.KeysTableAmbiguous`, and one created later is never read:
 no search path can make the library use another keys table.
 
+Legacy rows (``key_id`` None) are read only until the first rotation has migrated every one
+of them onto a DEK: from then on the ring refuses them with
+:class:`~rotation_operator.errors.LegacyReadsClosed` (a subclass of ``UnknownKeyError``),
+unless the policy keeps legacy reads open (``spec.legacy.reads: Open``).  The library reads
+that from the keys table's meta row when it loads the ring, and again, at most every
+``max_age`` seconds, when it meets a legacy row (``docs/format.md`` §8).
+
 Every value that fails to decrypt counts in the Prometheus counter
 ``rotation_operator_library_decrypt_failures_total{keys_table}`` of the default registry:
 an application that exports its metrics feeds the ``RotationOperatorLibraryDecryptFailures``
@@ -73,6 +80,7 @@ class Encryptor:
         self._conn: Conn | None = None
         self._ring: KeyRing | None = None
         self._checked = 0.0
+        self._legacy_checked = 0.0
 
     def __repr__(self) -> str:
         return f"Encryptor(keys={self._tables.qualified_keys!r})"
@@ -87,8 +95,13 @@ class Encryptor:
         return self._current().encrypt(plaintext)
 
     def decrypt(self, value: bytes, key_id: int | None) -> bytes:
-        """Decrypt a stored value (``key_id`` ``None`` = legacy row under the KEK)."""
+        """Decrypt a stored value (``key_id`` ``None`` = legacy row under the KEK; refused
+        with :class:`~rotation_operator.errors.LegacyReadsClosed` once every legacy row
+        was migrated, unless the policy keeps legacy reads open)."""
         ring = self._ring or self.refresh()
+        if key_id is None and not ring.legacy_closed and \
+                time.monotonic() - self._legacy_checked >= self.max_age:
+            ring = self._legacy_ring(ring)
         try:
             try:
                 return ring.decrypt(value, key_id)
@@ -109,7 +122,17 @@ class Encryptor:
                 with db_errors():
                     ring = self._load(self._connection())
             self._ring, self._checked = ring, time.monotonic()
+            self._legacy_checked = self._checked
             return ring
+
+    def _legacy_ring(self, ring: KeyRing) -> KeyRing:
+        """The ring to read a legacy row with: reloaded when the legacy record closed
+        legacy reads since this ring was loaded (a rotation finished migrating)."""
+        with self._lock:
+            asked = time.monotonic()
+            closed = self._query(lambda conn: self._store.legacy_state(conn).closed)
+            self._legacy_checked = asked
+        return self.refresh() if closed else ring
 
     @property
     def ring(self) -> KeyRing:

@@ -107,7 +107,8 @@ def test_initialise_records_a_fresh_policy_version_without_rotating(dsn: str) ->
     assert decrypt_all(dsn, cfg, kek, Target("secrets")) == expected
     events = [e for e, _, _ in audit_events(dsn, cfg)]
     assert events == ["coverage_recorded", "key_created", "baseline_recorded", "key_created",
-                      "rotation_started", "key_retired", "rotation_finished"]
+                      "rotation_started", "key_retired", "rotation_finished",
+                      "legacy_migrated"]
 
 
 def test_a_manual_rotation_uses_up_no_policy_version(dsn: str) -> None:

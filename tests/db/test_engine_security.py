@@ -133,7 +133,7 @@ def test_audit_chain_records_every_event_and_verifies(dsn: str) -> None:
     assert [(e, v) for e, v, _ in events] == [
         ("coverage_recorded", None), ("key_created", 1),
         ("key_created", 2), ("rotation_started", 2), ("key_retired", 1),
-        ("rotation_finished", 2),
+        ("rotation_finished", 2), ("legacy_migrated", None),
         ("key_created", 3), ("rotation_started", 3), ("key_retired", 2),
         ("rotation_finished", 3)]
     finished = [d for e, _, d in events if e == "rotation_finished"]
@@ -143,11 +143,11 @@ def test_audit_chain_records_every_event_and_verifies(dsn: str) -> None:
         {"policy_version": 3, "kind": "policy", "re_encrypted": 300, "legacy_migrated": 0,
          "retired": [2]}]
     report = verify_audit(dsn, app.cfg)
-    assert report.events == 10 and len(report.head) == 64
+    assert report.events == 11 and len(report.head) == 64
 
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rows: 300" in proc.stdout and "audit chain: 10 events, ok" in proc.stdout
+    assert "rows: 300" in proc.stdout and "audit chain: 11 events, ok" in proc.stdout
     assert "verify: OK" in proc.stdout
 
 
@@ -161,8 +161,8 @@ def test_audit_chain_records_every_event_and_verifies(dsn: str) -> None:
      "audit row 1 (coverage_recorded) was altered"),
     ("DELETE FROM encryption_keys_audit WHERE seq = 4", "audit row 4 is missing"),
     ("DELETE FROM encryption_keys_audit WHERE seq = 1", "audit row 1 is missing"),
-    ("UPDATE encryption_keys_audit SET seq = seq + 100 WHERE seq = 10",
-     "audit row 10 is missing"),
+    ("UPDATE encryption_keys_audit SET seq = seq + 100 WHERE seq = 11",
+     "audit row 11 is missing"),
 ], ids=["detail", "actor", "time", "delete-middle", "delete-first", "renumber-last"])
 def test_tampered_audit_chain_fails_verify(dsn: str, tamper: str, message: str) -> None:
     app = _rotated_twice(dsn)
@@ -310,9 +310,9 @@ def test_truncating_the_tail_shows_only_in_the_head(dsn: str) -> None:
     app = _rotated_twice(dsn)
     head = verify_audit(dsn, app.cfg).head
     with psycopg.connect(dsn) as conn:
-        conn.execute("DELETE FROM encryption_keys_audit WHERE seq = 10")
+        conn.execute("DELETE FROM encryption_keys_audit WHERE seq = 11")
     report = verify_audit(dsn, app.cfg)
-    assert report.events == 9 and report.head != head
+    assert report.events == 10 and report.head != head
     proc = run_cli("verify", dsn=dsn, kek=app.kek)
     assert proc.returncode == 0 and f"head {head[:16]}" not in proc.stdout
 

@@ -709,9 +709,12 @@ def test_idle_session_timeout_kills_no_rotation_connection(dsn: str) -> None:
         assert enc.decrypt(value, kid) == b"app-secret-after-idle"
 
 
-def test_a_legacy_row_written_after_a_rotation_is_reported_and_swept(dsn: str) -> None:
+def test_with_legacy_reads_open_a_late_legacy_row_is_reported_and_swept(dsn: str) -> None:
+    """spec.legacy.reads: Open (the Engine's legacy_reads="open"): the behaviour from
+    before legacy reads closed (tests/db/test_legacy.py has the closed default)."""
     app = make_app(dsn, 100)
-    app.engine().rotate(2, DEFAULTS.replace(grace=0.0))
+    Engine(dsn, app.cfg, keks(app.kek), actor="t", legacy_reads="open").rotate(
+        2, DEFAULTS.replace(grace=0.0))
     with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # an old app, no DEKs
         conn.execute("INSERT INTO secrets VALUES (9006, %s, NULL)",
                      (crypto.encrypt(app.kek, b"app-secret-legacy-late"),))

@@ -60,8 +60,10 @@ def _assert_opens_nothing(app: App, kek: bytes) -> None:
 
 def test_rekey_rewraps_every_key_moves_legacy_rows_first_and_the_old_kek_opens_nothing(
         dsn: str) -> None:
+    """With legacy reads kept open (spec.legacy.reads: Open), late legacy rows move onto a
+    DEK before the KEK changes, as every legacy row did before legacy reads closed."""
     app = make_app(dsn, 400, legacy_every=4)  # 100 legacy rows under the old KEK itself
-    app.engine().rotate(2, ONLINE)
+    Engine(dsn, app.cfg, keks(app.kek), actor="t", legacy_reads="open").rotate(2, ONLINE)
     app.expected[app.target].update(_write_legacy(app, range(5001, 5011)))  # legacy again
     old, new = app.kek, crypto.new_key()
 
@@ -192,6 +194,7 @@ def test_a_pkcs11_kek_refuses_to_start_while_legacy_rows_need_the_raw_kek(
             call()
         assert info.value.reason == "LegacyRowsNeedRawKEK"
         assert "previousKeks" in str(info.value)
+        assert hsm.describe() in str(info.value) and "PKCS#11" in str(info.value)
     assert dump(dsn) == before
     # With the Secret KEK as a previous one, the first rotation moves them and the HSM
     # key takes over.
@@ -200,6 +203,81 @@ def test_a_pkcs11_kek_refuses_to_start_while_legacy_rows_need_the_raw_kek(
     with Encryptor(app_dsn(dsn), hsm) as enc:
         got = {i: enc.decrypt(v, k) for i, (v, k) in read_rows(dsn, Target("secrets")).items()}
     assert got == expected
+
+
+def _after_the_switch_to_pkcs11_a_late_legacy_row(dsn: str, softhsm: SoftHSM
+                                                 ) -> tuple[App, Pkcs11Kek, str, int]:
+    """Rekeyed from a Secret KEK to a PKCS#11 key (legacy rows moved first, so legacy reads
+    closed); then an application still on the old KEK writes a legacy row.  Returns (app,
+    the HSM KEK, its CLI source, the late row's id)."""
+    app = make_app(dsn, 100, legacy_every=5)
+    hsm, label = _hsm_kek(softhsm)
+    assert Engine(dsn, app.cfg, keks(hsm, app.kek), actor="to-hsm").execute(
+        REKEY, ONLINE).rekeyed == (1,)
+    app.expected[app.target].update(_write_legacy(app, range(7001, 7002)))
+    source = (f"pkcs11:module={softhsm.module},token={softhsm.token_label},key={label},"
+              "pin-env=RO_PIN")
+    return app, hsm, source, 7001
+
+
+def test_a_late_legacy_row_after_a_switch_to_pkcs11_moves_with_sweep_legacy_kek(
+        dsn: str, softhsm: SoftHSM, tmp_path: object) -> None:
+    """Finding 6: after a rekey to PKCS#11, a legacy row written late under the old KEK
+    could be moved by no command, and verify with that KEK as a previous one called it
+    FAIL.  Now verify names it as a late legacy row readable with that KEK, and
+    ``sweep --legacy-kek file:...`` (docs/hsm.md) moves it onto the active key."""
+    app, hsm, source, late = _after_the_switch_to_pkcs11_a_late_legacy_row(dsn, softhsm)
+    raw = __import__("pathlib").Path(str(tmp_path)) / "raw"
+    raw.write_text(app.kek.hex())
+    env = {"RO_PIN": softhsm.pin}
+    old = crypto.kek_fingerprint(app.kek)
+
+    report = inspection.verify(dsn, app.cfg, keks(hsm, app.kek))
+    assert report.failures == [] and report.legacy_readable == {old: 1}
+    assert report.late_legacy == [{"table": "secrets", "id": str(late), "readableWith": old}]
+    proc = run_cli("verify", "--kek", source, "--previous-kek", f"file:{raw}", dsn=dsn,
+                   kek=None, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL " not in proc.stdout
+    assert f"LATE LEGACY secrets id={late} (readable with the KEK {old})" in proc.stdout
+    # Neither the HSM's sweep nor its library touches it.
+    assert Engine(dsn, app.cfg, keks(hsm), actor="hsm").sweep(ONLINE).re_encrypted == 0
+    assert read_rows(dsn, app.target)[late][1] is None
+
+    proc = run_cli("sweep", "--kek", source, "--legacy-kek", f"file:{raw}", dsn=dsn,
+                   kek=None, env=env)
+    assert proc.returncode == 0 and "(1 legacy)" in proc.stdout, proc.stdout + proc.stderr
+    assert read_rows(dsn, app.target)[late][1] == 1
+    assert inspection.verify(dsn, app.cfg, keks(hsm)).ok
+    with Encryptor(app_dsn(dsn), hsm) as enc:
+        got = {i: enc.decrypt(v, k) for i, (v, k) in read_rows(dsn, app.target).items()}
+    assert got == app.expected[app.target]
+    swept = [d for e, _, d in audit_events(dsn, app.cfg) if e == "rows_swept"]
+    assert swept[-1]["legacy_kek"] == old and swept[-1]["legacy_migrated"] == 1
+
+
+def test_rekeying_back_from_pkcs11_is_not_refused_with_a_false_message(
+        dsn: str, softhsm: SoftHSM, tmp_path: object) -> None:
+    """Finding 6: rekeying back from the HSM to a file KEK while a late legacy row exists
+    said the file KEK "does not let its bytes out".  It rekeys; the late row stays as it is
+    (legacy reads are closed), and the file KEK then moves it as the legacy KEK."""
+    app, _, source, late = _after_the_switch_to_pkcs11_a_late_legacy_row(dsn, softhsm)
+    kept = read_rows(dsn, app.target)[late]
+    files = {}
+    for name, key in (("old", app.kek), ("back", crypto.new_key())):
+        files[name] = path = __import__("pathlib").Path(str(tmp_path)) / name
+        path.write_text(key.hex())
+    env = {"RO_PIN": softhsm.pin}
+    proc = run_cli("rekey", "--kek", f"file:{files['back']}", "--previous-kek", source,
+                   dsn=dsn, kek=None, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "bytes out" not in proc.stderr + proc.stdout
+    assert read_rows(dsn, app.target)[late] == kept
+    proc = run_cli("sweep", "--kek", f"file:{files['back']}", "--legacy-kek",
+                   f"file:{files['old']}", dsn=dsn, kek=None)
+    assert proc.returncode == 0 and "(1 legacy)" in proc.stdout, proc.stdout + proc.stderr
+    assert _independent_read(app, bytes.fromhex(files["back"].read_text())) == \
+        app.expected[app.target]
 
 
 def test_the_library_reads_and_writes_through_a_pkcs11_kek_during_a_rekey(

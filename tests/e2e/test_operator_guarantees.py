@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -270,3 +271,50 @@ def test_status_describes_a_failed_bump_and_a_version_below_the_served_one(
     app.wait_condition("Ready", "True", "RotationSucceeded")
     assert app.active_version() == 4
     app.assert_intact()
+
+
+def test_a_legacy_replay_after_the_migration_is_reported_by_name_and_not_swept(
+        namespace: str, dsn: str, make_app: MakeApp, start_operator: StartOperator) -> None:
+    """Issue #17, finding 4, through the operator: a database writer puts an old KEK-direct
+    ciphertext back with key_id NULL after the first rotation migrated every legacy row.
+    The refresh names the row (status.legacy, Degraded, an Event) and never sweeps it."""
+    app = make_app(namespace, dsn, rows=60, legacy=10)
+    start_operator([namespace])
+    app.wait_condition("Ready", "True")
+    victim = next(i for i, (kid, _) in app.rows().items() if kid is None)
+    kept = app.rows()[victim][1]
+    app.patch_spec({"version": 2})
+    app.wait_condition("Ready", "True", "RotationSucceeded")
+    obj = app.wait_condition("LegacyReadsOpen", "False", "LegacyClosed")
+    assert obj["status"]["legacy"]["reads"] == "Closed"
+    assert obj["status"]["legacy"]["migratedAt"]
+    with psycopg.connect(roles.admin_dsn(dsn), autocommit=True) as conn:  # the attacker
+        conn.execute(sql.SQL("UPDATE {} SET value = %s, key_id = NULL WHERE id = %s").format(
+            sql.Identifier(app.table)), (kept, victim))
+
+    def named() -> dict[str, Any] | None:
+        o = app.get()
+        cond = app.condition("Degraded", o) or {}
+        return o if cond.get("reason") == "LegacyRowsAfterMigration" else None
+
+    obj = eventually(named, timeout=30, what="Degraded=True LegacyRowsAfterMigration")
+    assert app.cond("Degraded", obj)["status"] == "True"
+    assert f"{app.table} id {victim}" in app.cond("Degraded", obj)["message"]
+    assert obj["status"]["legacy"]["lateRows"] == 1
+    assert obj["status"]["legacy"]["lateRowIds"] == [{"table": app.table, "id": str(victim)}]
+    assert obj["status"]["retiredKeyRows"] == 0
+    events = app.wait_event("LegacyRowsAfterMigration", "Warning")
+    assert f"{app.table} id {victim}" in events[0]["message"]
+    # Refreshes later, the row still holds the attacker's bytes under key_id NULL: no
+    # sweep laundered it onto the active key.
+    def refreshed_after(seen: str) -> Callable[[], dict[str, Any] | None]:
+        def check() -> dict[str, Any] | None:
+            o = app.get()
+            return o if o["status"]["lastRefreshed"] != seen else None
+        return check
+
+    for _ in range(2):
+        obj = eventually(refreshed_after(obj["status"]["lastRefreshed"]), timeout=30,
+                         what="another refresh")
+    assert app.rows()[victim] == (None, kept)
+    assert not app.events(reason="StaleRowsSwept")

@@ -65,8 +65,10 @@ def test_rekey_through_the_policy(namespace: str, dsn: str, make_app: MakeApp,
     app = make_app(namespace, dsn, rows=300, legacy=60)
     op = start_operator([namespace])
     app.wait_condition("Ready", "True")
-    app.patch_spec({"version": 2})
+    # legacy reads kept open: a legacy row written late is read and moved (docs/format.md §8)
+    app.patch_spec({"version": 2, "legacy": {"reads": "Open"}})
     app.wait_condition("Ready", "True", "RotationSucceeded")
+    app.wait_condition("LegacyReadsOpen", "True", "LegacyKeptOpen")
     app.plaintexts[9001] = b"legacy-after-rotation"  # a legacy row written late, under A
     with psycopg.connect(roles.app_dsn(dsn), autocommit=True) as conn:
         conn.execute("INSERT INTO secrets VALUES (9001, %s, NULL)",

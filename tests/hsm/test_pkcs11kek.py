@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from rotation_operator.crypto import codec as crypto
+from rotation_operator.crypto.kek import SecretKek
+from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.crypto.pkcs11 import (
     HSMError,
     HSMKeyMissing,
@@ -27,7 +29,8 @@ from rotation_operator.crypto.pkcs11 import (
     Pkcs11Kek,
     cmac_fingerprint,
 )
-from rotation_operator.errors import InvalidToken, KekError
+from rotation_operator.errors import InvalidToken, KekError, LegacyNeedsRawKek, UnknownKeyError
+from rotation_operator.store.keystore import raise_legacy_needs_raw
 from tests.fixtures.fix_hsm import SoftHSM
 
 VECTORS: dict[str, Any] = json.loads(
@@ -416,3 +419,35 @@ def test_threads_share_one_handle(open_kek: OpenKek, generated: str) -> None:
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
+
+
+# --- legacy rows: only a PKCS#11 key keeps its bytes ------------------------------------
+
+
+def test_only_a_pkcs11_key_is_said_to_keep_its_bytes(open_kek: OpenKek, generated: str) -> None:
+    """The message that refuses legacy rows names the key that cannot give its bytes, and
+    says so only of a PKCS#11 key: a Secret, a file or a variable does let them out."""
+    hsm = open_kek(generated)
+    with pytest.raises(LegacyNeedsRawKek) as info:
+        raise_legacy_needs_raw(hsm)
+    assert hsm.describe() in str(info.value) and "PKCS#11" in str(info.value)
+    raw = SecretKek(os.urandom(32), "file:raw")
+    assert raw.extractable and raw.legacy_key() is not None
+    with pytest.raises(LegacyNeedsRawKek) as info:
+        raise_legacy_needs_raw(raw)
+    assert "file:raw" in str(info.value)
+    for false in ("does not let its bytes out", "keeps its bytes", "never lets"):
+        assert false not in str(info.value)
+    # A token key cannot be the legacy KEK of `sweep --legacy-kek`: refused up front.
+    from rotation_operator.errors import ConfigError
+    from rotation_operator.policy.config import StoreConfig, Target
+    from rotation_operator.rotation.engine import Engine
+
+    with pytest.raises(ConfigError, match="PKCS#11 key never lets its bytes out"):
+        Engine("postgresql://unused", StoreConfig([Target("secrets")]), [raw], actor="t",
+               legacy_kek=hsm)
+    # A ring whose KEK is the token's reads no legacy row, and says why.
+    ring = KeyRing.of(1, {1: crypto.new_key()}, hsm)
+    assert not ring.reads_legacy
+    with pytest.raises(UnknownKeyError, match="PKCS#11"):
+        ring.decrypt(crypto.encrypt(os.urandom(32), b"legacy"), None)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from rotation_operator.crypto import codec as crypto
 from rotation_operator.crypto.kek import SecretKek
-from rotation_operator.crypto.keyring import KeyRing, legacy_cipher
-from rotation_operator.errors import InvalidToken, UnknownKeyError
+from rotation_operator.crypto.keyring import BadRow, KeyRing, legacy_cipher
+from rotation_operator.errors import InvalidToken, LegacyReadsClosed, UnknownKeyError
 
 KEK = os.urandom(32)
 DEKS = {1: os.urandom(32), 2: os.urandom(32), 5: os.urandom(32)}
@@ -117,3 +117,18 @@ def test_a_kek_that_keeps_its_bytes_gives_no_legacy_cipher() -> None:
     assert legacy_cipher(hsm) is None
     assert KeyRing.of(5, dict(DEKS), None).reads_legacy_as(hsm)
     assert not KeyRing.of(5, dict(DEKS), SecretKek(KEK)).reads_legacy_as(hsm)
+
+
+def test_a_closed_ring_refuses_legacy_rows_though_it_holds_the_kek() -> None:
+    """Legacy reads closed (every legacy row migrated): key id NULL is refused with its own
+    error, in decrypt and in a rotation batch alike, and a worker's copy stays closed."""
+    closed = KeyRing.of(5, dict(DEKS), SecretKek(KEK), legacy_closed=True)
+    legacy = crypto.encrypt(KEK, b"legacy")
+    assert not closed.reads_legacy and closed.reads_legacy_as(SecretKek(KEK))
+    with pytest.raises(LegacyReadsClosed):
+        closed.decrypt(legacy, None)
+    with pytest.raises(BadRow):
+        closed.rotate_many([legacy], [None])
+    copy = pickle.loads(pickle.dumps(closed))
+    assert copy.legacy_closed and not copy.can_decrypt(legacy, None)
+    assert KeyRing.of(5, dict(DEKS), SecretKek(KEK)).decrypt(legacy, None) == b"legacy"

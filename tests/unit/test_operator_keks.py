@@ -79,3 +79,13 @@ def test_the_policy_retention_is_the_shared_rule() -> None:
     with pytest.raises(ConfigError, match=r"^retention.disableAfterDays 40000 is more than "
                                           "36500 days$"):
         policy(retention={"disableAfterDays": 40000}).retention()
+
+
+def test_spec_legacy_reads_is_closed_by_default_and_checked() -> None:
+    from rotation_operator.errors import ConfigError
+
+    assert policy().legacy_reads == "closed"
+    assert policy(legacy={"reads": "Open"}).legacy_reads == "open"
+    assert policy(legacy={"reads": "Closed"}).legacy_reads == "closed"
+    with pytest.raises(ConfigError, match=r"spec\.legacy\.reads 'open' is not Open or Closed"):
+        _ = policy(legacy={"reads": "open"}).legacy_reads

@@ -172,3 +172,48 @@ def test_the_schedule_is_due_max_key_age_after_the_active_key() -> None:
     request = Request("policy", 3, now=T0, max_key_age=timedelta(days=30))
     assert status.schedule_fields(snap(), request) == {"nextRotationDue": "2026-01-31T00:00:00Z"}
     assert status.schedule_fields(snap(), Request("policy", 3)) == {"nextRotationDue": None}
+
+
+# -- legacy reads (issue #17) --------------------------------------------------------------
+def legacy_snap(reads: str, *, migrated: bool = True, late: int = 0) -> Snapshot:
+    from rotation_operator.store.legacy import LegacyState
+
+    ids = tuple(str(9000 + i) for i in range(min(late, 5)))
+    keys = [KeyStatus(2, "active", T0, None, "policy", 10, "fp-new")]
+    return Snapshot(2, 3, keys, [TargetCounts("secrets", "table", 10 + late, late, late,
+                                              late if reads == "open" else 0, ids)],
+                    None, None, legacy=LegacyState(T0 if migrated else None,
+                                                   "open" if reads == "open" else "closed"))
+
+
+def test_late_legacy_rows_are_degraded_by_name_with_an_event_once() -> None:
+    s = legacy_snap("closed", late=7)
+    changes = status.degraded(s, [], clear_other=False)
+    assert [(c.type, c.status, c.reason) for c in changes] == [
+        (DEGRADED, True, Reason.LATE_LEGACY_ROWS)]
+    assert "secrets id 9000" in changes[0].message and "and 2 more" in changes[0].message
+    assert "sweep --legacy-kek" in changes[0].message
+    after = conditions.set_condition([], DEGRADED, True, changes[0].reason,
+                                     changes[0].message, 1)
+    assert status.late_legacy_news([], after) == changes[0].message
+    assert status.late_legacy_news(after, after) is None  # no second Event
+    assert s.summary()["legacy"] == {"reads": "Closed", "migratedAt": "2026-01-01T00:00:00Z",
+                                     "lateRows": 7, "lateRowIds": [
+                                         {"table": "secrets", "id": str(9000 + i)}
+                                         for i in range(5)]}
+    # gone: Degraded clears
+    cleared = status.degraded(legacy_snap("closed"), after, clear_other=False)
+    assert [(c.status, c.reason) for c in cleared] == [(False, Reason.AS_EXPECTED)]
+
+
+def test_legacy_reads_open_after_migration_warns_and_before_it_says_nothing() -> None:
+    opened = status.legacy_reads(legacy_snap("open"), [])
+    assert [(c.type, c.status, c.reason) for c in opened] == [
+        (conditions.LEGACY_OPEN, True, Reason.LEGACY_KEPT_OPEN)]
+    assert status.legacy_reads(legacy_snap("open", migrated=False), []) == []
+    closed = status.legacy_reads(legacy_snap("closed"), [])
+    assert [(c.status, c.reason) for c in closed] == [(False, Reason.LEGACY_CLOSED)]
+    # open with late rows: the old behaviour, rows under a retired key (swept)
+    s = legacy_snap("open", late=1)
+    assert [c.reason for c in status.degraded(s, [], clear_other=False)] == [
+        Reason.ROWS_UNDER_RETIRED_KEY]

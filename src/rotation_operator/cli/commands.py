@@ -145,8 +145,12 @@ def _engine(args: argparse.Namespace, presented: Sequence[Kek] | None = None) ->
     from rotation_operator.rotation.engine import Engine
 
     dsn, cfg = _dsn(args), _config(args)
+    source = getattr(args, "legacy_kek", None)
+    legacy_kek = None if source is None else sources.from_spec(source, "--legacy-kek",
+                                                               on_weak=output.weak_kek)
     return Engine(dsn, cfg, keks(args) if presented is None else presented,
-                  actor=_actor(args))
+                  actor=_actor(args), legacy_reads=getattr(args, "legacy_reads", None),
+                  legacy_kek=legacy_kek)
 
 
 def keks(args: argparse.Namespace) -> list[Kek]:

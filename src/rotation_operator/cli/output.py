@@ -51,6 +51,15 @@ def status(snap: Snapshot, fmt: str) -> None:
           f"audit events: {snap.audit_events}")
     print("counts: exact" if snap.exact else
           "counts: estimated from the planner's statistics (--exact counts every row)")
+    legacy = snap.legacy
+    if legacy.migrated:
+        print(f"legacy rows: all migrated at {legacy.migrated_at:%Y-%m-%d %H:%M:%S%z}; reads "
+              + ("CLOSED (key id NULL is refused)" if legacy.closed else
+                 "kept OPEN (--legacy-reads open / spec.legacy.reads: Open)"))
+    if snap.late_legacy_count:
+        named = ", ".join(f"{t} id={i}" for t, i in snap.late_legacy)
+        print(f"late legacy rows (written after the migration): {snap.late_legacy_count} "
+              f"({named}); see docs/format.md section 8")
     print(f"\n{'VERSION':<8} {'STATE':<9} {'ROWS':>10}  {'CREATED':<25} ROTATED BY")
     for k in snap.keys:
         print(f"v{k.version:<7} {k.state:<9} {k.rows:>10}  {k.created_at:%Y-%m-%d %H:%M:%S%z}"
@@ -129,7 +138,8 @@ def rotation(res: RotationResult, fmt: str) -> None:
               f"v{res.to_version}, nothing done")
     elif res.kind == "sweep":
         print(f"swept {res.re_encrypted} rows from retired keys onto v{res.to_version} "
-              f"in {res.seconds:.2f}s")
+              f"in {res.seconds:.2f}s"
+              + (f" ({res.legacy_migrated} legacy)" if res.legacy_migrated else ""))
     else:
         _rotated(res)
 
@@ -207,6 +217,9 @@ def verified(rep: VerifyReport, fmt: str) -> None:
                           "underRetiredKeys": rep.retired,
                           "pendingRotation": rep.pending, "rotation": rep.rotation,
                           "underUnusableKeys": rep.unusable,
+                          "lateLegacy": rep.late_legacy,
+                          "lateLegacyCount": rep.late_legacy_count,
+                          "legacyReadableWith": rep.legacy_readable,
                           "auditEvents": rep.audit_events, "auditHead": rep.audit_head,
                           "auditError": rep.audit_error}))
         return
@@ -214,6 +227,17 @@ def verified(rep: VerifyReport, fmt: str) -> None:
     print(f"rows: {rep.rows} ({keys or 'none'}); failed to decrypt: {len(rep.failures)}")
     for f in rep.failures[:20]:
         print(f"  FAIL {f['table']} id={f['id']} key_id={f['key_id']}")
+    for fingerprint, n in sorted(rep.legacy_readable.items()):
+        print(f"legacy rows readable with the presented KEK {fingerprint} (not the ring's): {n}")
+    if rep.late_legacy_count:
+        print(f"late legacy rows (key_id NULL after every legacy row was migrated): "
+              f"{rep.late_legacy_count}")
+        for row in rep.late_legacy[:20]:
+            opens = f"readable with the KEK {row['readableWith']}" if row["readableWith"] \
+                else "no KEK presented opens it"
+            print(f"  LATE LEGACY {row['table']} id={row['id']} ({opens})")
+        print("  a rollback or an application writing without DEKs: delete or rewrite the "
+              "row, or, if it is genuine, move it with `sweep --legacy-kek SOURCE`")
     if rep.retired:
         under = ", ".join(f"{k}: {n}" for k, n in sorted(rep.retired.items()))
         print(f"rows under retired keys: {under} (run `sweep`, or let the operator's "

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(init, kek=True)
     init.add_argument("--policy-version", type=_positive, metavar="N",
                       help="record N as the version already served (no rotation)")
+    _legacy_args(init)
 
     status = sub.add_parser("status", help="show keys, counts and the last rotation "
                                            "(read-only, needs no KEK)")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "would (a version already served does nothing); without it, a "
                              "manual rotation that uses up no policy version")
     _rotation_args(rotate)
+    _legacy_args(rotate)
     rotate.add_argument("--mode", choices=MODES, default=DEFAULTS.mode,
                         help=f"{DEFAULTS.mode} (default): batches, applications keep writing; "
                              "Atomic: rows move in one transaction, writes wait")
@@ -80,12 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
                                          "active key (no new key)")
     _store_args(sweep, kek=True)
     _rotation_args(sweep)
+    _legacy_args(sweep)
+    sweep.add_argument("--legacy-kek", metavar="SOURCE",
+                       help="the KEK late legacy rows (key_id NULL) are under (file:PATH or "
+                            "env:NAME): this sweep reads them with its bytes and moves them "
+                            "onto the active key, even after legacy reads closed; the way to "
+                            "move a late legacy row you were told about by name, e.g. after "
+                            "the KEK moved to PKCS#11 (docs/hsm.md)")
 
     rekey = sub.add_parser("rekey", help="rewrap every DEK under the current KEK (--kek...), "
                                          "unwrapping with --previous-kek; legacy rows move "
                                          "onto a DEK first")
     _store_args(rekey, kek=True)
     _rotation_args(rekey)
+    _legacy_args(rekey)
 
     _keys_args(sub.add_parser("keys", help="the end of a key's life: plan (dry run), "
                                            "disable, enable, destroy (break-glass; needs no "
@@ -131,6 +141,15 @@ def _keys_args(keys: argparse.ArgumentParser) -> None:
     for action in keys_sub.choices.values():
         _store_args(action, kek=False)
         action.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+
+def _legacy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--legacy-reads", choices=("open", "closed"), default=None,
+                   help="record whether key rings keep reading legacy rows (key_id NULL) "
+                        "once the first rotation migrated them all: closed refuses them "
+                        "(the default of a new keys table), open keeps reading and sweeping "
+                        "them; without the flag the recorded setting stays (a policy's "
+                        "spec.legacy.reads wins at its next reconcile)")
 
 
 def _rotation_args(p: argparse.ArgumentParser) -> None:
@@ -204,7 +223,8 @@ def _store_args(p: argparse.ArgumentParser, *, kek: bool) -> None:
                             "pin-file=PATH) for a key that never leaves an HSM")
         k.add_argument("--previous-kek", action="append", metavar="SOURCE",
                        help="a KEK that wrapped the keys before (repeatable, same forms): "
-                            "read during a rekey")
+                            "read during a rekey; verify also tries it on legacy rows the "
+                            "key ring does not read")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

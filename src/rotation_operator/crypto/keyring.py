@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rotation_operator.crypto import codec
 from rotation_operator.crypto.kek import Kek
-from rotation_operator.errors import InvalidToken, UnknownKeyError
+from rotation_operator.errors import InvalidToken, LegacyReadsClosed, UnknownKeyError
 
 # The hot paths below slice with the codec's named layout, bound once here.
 _V1 = codec.V1
@@ -50,6 +50,9 @@ class KeyRing:
     legacy_key: bytes | None = field(repr=False)
     #: Keys that exist but cannot decrypt: version -> state (disabled, destroyed).
     unavailable: Mapping[int, str] = field(default_factory=dict)
+    #: Every legacy row was migrated and legacy reads are closed: key id NULL is refused
+    #: (:class:`LegacyReadsClosed`) whatever KEK the ring holds.
+    legacy_closed: bool = False
     _aeads: dict[int | None, AESGCM] = field(default_factory=dict, init=False, repr=False,
                                               compare=False)
     _active: AESGCM = field(init=False, repr=False, compare=False)
@@ -57,7 +60,7 @@ class KeyRing:
     def __post_init__(self) -> None:
         if self.active_version not in self.deks:
             raise ValueError(f"active DEK v{self.active_version} is not in the ring")
-        if self.legacy_key is not None:
+        if self.legacy_key is not None and not self.legacy_closed:
             self._aeads[None] = AESGCM(self.legacy_key)
         for version, dek in self.deks.items():
             self._aeads[version] = AESGCM(dek)
@@ -65,17 +68,19 @@ class KeyRing:
 
     @classmethod
     def of(cls, active_version: int, deks: Mapping[int, bytes], legacy: Kek | None,
-           unavailable: Mapping[int, str] | None = None) -> KeyRing:
+           unavailable: Mapping[int, str] | None = None, *,
+           legacy_closed: bool = False) -> KeyRing:
         """A ring of unwrapped ``deks`` that reads legacy rows with ``legacy``'s bytes,
-        when it has a KEK that wraps the keys and lets them out."""
+        when it has a KEK that wraps the keys and lets them out, and legacy reads are not
+        ``legacy_closed``."""
         return cls(active_version, deks, None if legacy is None else legacy.legacy_key(),
-                   dict(unavailable or {}))
+                   dict(unavailable or {}), legacy_closed)
 
     def __reduce__(self) -> tuple[type[KeyRing], tuple[object, ...]]:
         """Pickle as the material only (the ciphers are rebuilt): how a ring reaches a
         rotation worker, over the spawn pipe and nowhere else."""
         return (KeyRing, (self.active_version, dict(self.deks), self.legacy_key,
-                          dict(self.unavailable)))
+                          dict(self.unavailable), self.legacy_closed))
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -83,12 +88,14 @@ class KeyRing:
 
     @property
     def reads_legacy(self) -> bool:
-        return self.legacy_key is not None
+        """Whether this ring decrypts legacy rows: it holds the bytes of the KEK they are
+        under, and legacy reads are not closed."""
+        return self.legacy_key is not None and not self.legacy_closed
 
     def reads_legacy_as(self, kek: Kek) -> bool:
         """Whether legacy rows are read with ``kek``'s bytes, or, for a KEK whose bytes
-        never leave their store, whether this ring reads none: then a KEK change leaves
-        no legacy row behind under the old KEK."""
+        never leave their store, whether this ring holds none: then a KEK change leaves
+        no legacy row behind under the old KEK (closed reads aside)."""
         key = kek.legacy_key()
         if key is None or self.legacy_key is None:
             return key is None and self.legacy_key is None
@@ -99,9 +106,15 @@ class KeyRing:
         try:
             return self._aeads[key_id]
         except KeyError:
+            if key_id is None and self.legacy_closed:
+                raise LegacyReadsClosed(
+                    "a legacy row (key id NULL) after every legacy row was migrated onto a "
+                    "DEK: refused (a rollback, or an application writing without DEKs; "
+                    "docs/format.md section 8)") from None
             if key_id is None:
                 raise UnknownKeyError("a legacy row (encrypted with the KEK itself) needs the "
-                                      "raw KEK, which this key ring does not hold") from None
+                                      "KEK's own bytes, which this key ring does not hold (a "
+                                      "PKCS#11 key never gives them)") from None
             state = self.unavailable.get(key_id)
             if state == "disabled":
                 raise UnknownKeyError(f"DEK v{key_id} is disabled: enable it to read this row "

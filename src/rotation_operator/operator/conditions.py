@@ -14,7 +14,9 @@ from typing import Any
 
 READY, ROTATING, DEGRADED = "Ready", "Rotating", "Degraded"
 KEK_WEAK, KEY_USAGE, THROTTLED = "KEKWeak", "KeyUsageHigh", "Throttled"
-_ORDER = (READY, ROTATING, DEGRADED, THROTTLED, KEK_WEAK, KEY_USAGE)
+#: A warning: every legacy row was migrated, but the policy keeps legacy reads open.
+LEGACY_OPEN = "LegacyReadsOpen"
+_ORDER = (READY, ROTATING, DEGRADED, THROTTLED, KEK_WEAK, KEY_USAGE, LEGACY_OPEN)
 MAX_MESSAGE = 1024
 
 

@@ -85,8 +85,8 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         if transient:
             dsn, keks = read_secrets(policy)
             try:
-                prepared = Engine(dsn, cfg, keks.all, actor=policy.actor,
-                                  owner=policy.owner).prepare()
+                prepared = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner,
+                                  legacy_reads=policy.legacy_reads).prepare()
             finally:
                 keks.close()
             healed = failing and prepared.state.served is not None and \
@@ -122,7 +122,7 @@ def refresh(policy: Policy, events: Reporter, settings: OperatorSettings | None 
         fields["counts"]["lastExactAt"] = (policy.status.get("counts") or {}).get(
             "lastExactAt")
     metrics.observe_counts(policy.namespace, policy.name, snap)
-    _refresh_conditions(policy, snap, request, healed, fields)
+    _refresh_conditions(policy, snap, request, healed, fields, events)
     return True
 
 
@@ -140,7 +140,7 @@ def _counting(policy: Policy, settings: OperatorSettings | None, now: datetime
 
 
 def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed: bool,
-                        fields: dict[str, Any]) -> None:
+                        fields: dict[str, Any], events: Reporter) -> None:
     """The counts always; the conditions the refresh owns only if it changes one, computed
     on the object as it is now and written only if it is still that version: a reconcile
     that ran meanwhile must not see its conditions overwritten by an older body's."""
@@ -158,6 +158,10 @@ def _refresh_conditions(policy: Policy, snap: Snapshot, request: Request, healed
         writer.apply(status.healed(snap))
     writer.apply(status.degraded(snap, writer.conds, clear_other=healed))
     writer.apply(status.key_usage(snap, request, writer.conds))
+    writer.apply(status.legacy_reads(snap, writer.conds))
+    late = status.late_legacy_news(before, writer.conds)
+    if late is not None:
+        events.warn(Reason.LATE_LEGACY_ROWS, late)
     if writer.conds == before:
         writer.patch(fields, with_conditions=False)
         return
@@ -188,7 +192,8 @@ def _sweep(policy: Policy, events: Reporter, cfg: StoreConfig, interval: float,
     """Move rows under retired keys onto the active key (``decision``: the refresh's, which
     the engine takes again under the lock), and say so."""
     dsn, keks = read_secrets(policy)
-    engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner)
+    engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner,
+                    legacy_reads=policy.legacy_reads)
     labels = (policy.namespace, policy.name)
     metrics.rotation_started(*labels)
     try:

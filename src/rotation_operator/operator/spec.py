@@ -24,6 +24,7 @@ from rotation_operator.policy.config import (
     retention_from_days,
 )
 from rotation_operator.policy.decisions import Request, RequestKind, Retention
+from rotation_operator.store.legacy import Reads
 
 #: maxEncryptionsPerKey by default: 2^30, a quarter of NIST SP 800-38D's 2^32 bound for
 #: random 96-bit nonces under one key.
@@ -72,6 +73,18 @@ class Policy:
     def owner(self) -> str:
         """Whom the keys table's targets are recorded for."""
         return f"EncryptionPolicy {self.namespace}/{self.name}"
+
+    @property
+    def legacy_reads(self) -> Reads:
+        """``spec.legacy.reads``: ``Closed`` (default) refuses legacy rows once every one
+        was migrated; ``Open`` keeps reading and sweeping them (with a warning)."""
+        legacy = self.spec.get("legacy") or {}
+        if not isinstance(legacy, Mapping):
+            raise ConfigError("spec.legacy must be an object")
+        reads = legacy.get("reads", "Closed")
+        if reads not in ("Open", "Closed"):
+            raise ConfigError(f"spec.legacy.reads {reads!r} is not Open or Closed")
+        return "open" if reads == "Open" else "closed"
 
     @property
     def paused(self) -> bool:

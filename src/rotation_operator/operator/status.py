@@ -21,6 +21,7 @@ from rotation_operator.operator.conditions import (
     DEGRADED,
     KEK_WEAK,
     KEY_USAGE,
+    LEGACY_OPEN,
     READY,
     ROTATING,
     THROTTLED,
@@ -102,8 +103,11 @@ def healed(snap: Snapshot) -> list[Change]:
 
 
 def degraded(snap: Snapshot, current: Conditions, *, clear_other: bool) -> list[Change]:
-    """Degraded from the counts: rows under a retired key, with their own reason.
-    ``clear_other``: also clear a Degraded set by an earlier failure."""
+    """Degraded from the counts: late legacy rows (refused, named), or rows under a retired
+    key, each with its own reason.  ``clear_other``: also clear a Degraded set by an
+    earlier failure."""
+    if snap.legacy.closed and snap.late_legacy_count:
+        return [Change(DEGRADED, True, Reason.LATE_LEGACY_ROWS, late_legacy_message(snap))]
     if snap.retired_count and snap.running is None:
         return [Change(DEGRADED, True, Reason.ROWS_UNDER_RETIRED_KEY,
                        f"{snap.retired_count} rows are under a retired key, or under the KEK "
@@ -111,8 +115,52 @@ def degraded(snap: Snapshot, current: Conditions, *, clear_other: bool) -> list[
                        "ring, or one that does not use DEKs); the refresh sweeps them onto "
                        f"DEK v{snap.active_version}")]
     now = conditions.get(current, DEGRADED) or {}
-    if clear_other or now.get("reason") == Reason.ROWS_UNDER_RETIRED_KEY:
+    if clear_other or now.get("reason") in (Reason.ROWS_UNDER_RETIRED_KEY,
+                                            Reason.LATE_LEGACY_ROWS):
         return [Change(DEGRADED, False, Reason.AS_EXPECTED, "keys and data are consistent")]
+    return []
+
+
+def late_legacy_message(snap: Snapshot) -> str:
+    """What a late legacy row is and what to do, naming the rows (table and id)."""
+    named = ", ".join(f"{t} id {i}" for t, i in snap.late_legacy)
+    more = snap.late_legacy_count - len(snap.late_legacy)
+    return (f"{snap.late_legacy_count} legacy rows (key_id NULL) were written after every "
+            f"legacy row was migrated onto a DEK ({named}{f' and {more} more' if more > 0 else ''}"
+            "): key rings refuse them (spec.legacy.reads is Closed) and no sweep moves them. "
+            "Each is a rollback (an old ciphertext put back) or an application still writing "
+            "without DEKs: delete or rewrite it, or, if it is genuine, move it with "
+            "`rotation-operator sweep --legacy-kek SOURCE` (docs/format.md section 8)")
+
+
+def late_legacy_news(before: Conditions, after: Conditions) -> str | None:
+    """The Event to post when Degraded newly names late legacy rows (or other ones)."""
+    now = conditions.get(after, DEGRADED) or {}
+    if now.get("status") != "True" or now.get("reason") != Reason.LATE_LEGACY_ROWS:
+        return None
+    was = conditions.get(before, DEGRADED) or {}
+    if was.get("reason") == now.get("reason") and was.get("message") == now.get("message") \
+            and was.get("status") == "True":
+        return None
+    return str(now.get("message"))
+
+
+def legacy_reads(snap: Snapshot, current: Conditions) -> list[Change]:
+    """LegacyReadsOpen: a warning while the policy keeps legacy reads open after every
+    legacy row was migrated (a database writer can then put an old KEK-direct ciphertext
+    back and have it read, and swept onto the active key)."""
+    legacy = snap.legacy
+    if legacy.open_after_migration:
+        return [Change(LEGACY_OPEN, True, Reason.LEGACY_KEPT_OPEN,
+                       f"every legacy row was migrated onto a DEK at "
+                       f"{rfc3339(legacy.migrated_at)}, but spec.legacy.reads is Open: key "
+                       "rings still read rows with key_id NULL and sweeps move them, so an "
+                       "old KEK-direct ciphertext put back by a database writer is accepted; "
+                       "set it to Closed once no application writes without DEKs")]
+    if legacy.migrated or conditions.get(current, LEGACY_OPEN) is not None:
+        return [Change(LEGACY_OPEN, False, Reason.LEGACY_CLOSED,
+                       "key rings refuse legacy rows (key_id NULL): every one was migrated"
+                       if legacy.migrated else "legacy rows are not migrated yet")]
     return []
 
 

@@ -85,7 +85,8 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
                writer: StatusWriter, dsn: str, keks: Keks, cfg: StoreConfig,
                options: RotationOptions) -> str:
     desired = policy.desired
-    engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner)
+    engine = Engine(dsn, cfg, keks.all, actor=policy.actor, owner=policy.owner,
+                    legacy_reads=policy.legacy_reads)
     request = policy.request()
     result: RotationResult | None = None
     with policy_lock(policy):
@@ -115,7 +116,7 @@ def _reconcile(policy: Policy, settings: OperatorSettings, events: Reporter,
         events.info(Reason.KEK_ROTATED, "rewrapped DEK "
                     f"{', '.join(f'v{v}' for v in result.rekeyed)} under the KEK "
                     f"{keks.current.fingerprint}")
-    _write_ready(policy, writer, snap, result, decision, keks)
+    _write_ready(policy, writer, snap, result, decision, keks, events)
     return decision.message if result is None else status.summary(result)
 
 
@@ -231,10 +232,16 @@ def _rotate(policy: Policy, settings: OperatorSettings, events: Reporter, writer
 
 
 def _write_ready(policy: Policy, writer: StatusWriter, snap: Snapshot,
-                 result: RotationResult | None, decision: Decision, keks: Keks) -> None:
+                 result: RotationResult | None, decision: Decision, keks: Keks,
+                 events: Reporter) -> None:
     request = policy.request()
+    before = [dict(c) for c in writer.conds]
     writer.apply(status.ready(decision, result, snap))
     writer.apply(status.degraded(snap, writer.conds, clear_other=True))
+    writer.apply(status.legacy_reads(snap, writer.conds))
+    late = status.late_legacy_news(before, writer.conds)
+    if late is not None:
+        events.warn(Reason.LATE_LEGACY_ROWS, late)
     writer.apply(status.kek_weak(keks.weak, writer.conds))
     writer.apply(status.key_usage(snap, request, writer.conds))
     # Metrics first: whoever sees the status (kubectl wait) may scrape right after.

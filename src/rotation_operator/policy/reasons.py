@@ -36,6 +36,10 @@ class Reason(StrEnum):
     # KEKWeak
     KEK_LOOKS_LIKE_TEXT = "KEKLooksLikeText"
     KEK_RANDOM = "KEKRandom"
+    # LegacyReadsOpen (and Degraded, an Event: late legacy rows)
+    LEGACY_KEPT_OPEN = "LegacyKeptOpen"
+    LEGACY_CLOSED = "LegacyClosed"
+    LATE_LEGACY_ROWS = "LegacyRowsAfterMigration"
     # KeyUsageHigh
     USAGE_BOUND_NEAR = "UsageBoundNear"
     TABLE_NEAR_BOUND = "TableNearBound"

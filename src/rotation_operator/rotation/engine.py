@@ -39,7 +39,9 @@ from typing import Any
 
 from rotation_operator import faults
 from rotation_operator.crypto.kek import Kek
+from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.errors import (
+    ConfigError,
     KekMismatchError,
     KeysTableShared,
     LegacyNeedsRawKek,
@@ -63,7 +65,7 @@ from rotation_operator.rotation.results import (
     ProgressFn,
     RotationResult,
 )
-from rotation_operator.rotation.run import Run, observe
+from rotation_operator.rotation.run import Run, observe, sweeps_legacy
 from rotation_operator.rotation.throttle import ThrottleFn
 from rotation_operator.store.catalog import Layout, inspect
 from rotation_operator.store.database import Conn, Timeouts, check_server, connect, db_errors
@@ -74,7 +76,9 @@ from rotation_operator.store.keystore import (
     check_no_key_ids,
     has_legacy_rows,
     raise_legacy_needs_raw,
+    wrapping_kek,
 )
+from rotation_operator.store.legacy import Reads
 from rotation_operator.store.locks import RotationLock
 from rotation_operator.store.targets import (
     count_keyed,
@@ -92,12 +96,25 @@ class Engine:
 
     ``owner`` names who the targets are recorded for (a policy's ``namespace/name``);
     ``None`` (the CLI) may use a keys table only with the targets it already covers.
+    ``legacy_reads``: whether rings keep reading legacy rows once every one was migrated
+    (``spec.legacy.reads``, ``--legacy-reads``), recorded by :meth:`prepare`; None keeps
+    what the database records.  ``legacy_kek``: a KEK the caller vouches the legacy rows
+    are under (``sweep --legacy-kek``): this engine's rings read them with its bytes, and
+    its sweeps move them, even after legacy reads closed: the way to move a late legacy row
+    that was reported by name (``docs/hsm.md``).
     """
 
     def __init__(self, dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *, actor: str,
-                 owner: str | None = None):
+                 owner: str | None = None, legacy_reads: Reads | None = None,
+                 legacy_kek: Kek | None = None):
         if not keks:
             raise ValueError("an Engine needs the current KEK (keks[0])")
+        if legacy_kek is not None and not legacy_kek.extractable:
+            raise ConfigError(f"the legacy KEK ({legacy_kek.describe()}) must give its bytes: "
+                              "legacy rows are values under the KEK itself, and a PKCS#11 "
+                              "key never lets its bytes out")
+        self.legacy_reads = legacy_reads
+        self.legacy_kek = legacy_kek
         self.dsn = dsn
         self.cfg = cfg
         self.store = KeyStore(cfg)
@@ -113,6 +130,11 @@ class Engine:
 
     def __repr__(self) -> str:  # never show the DSN (password) or the KEK
         return f"Engine(keys={self.cfg.qualified_keys!r}, actor={self.actor!r})"
+
+    def load_ring(self, conn: Conn, *, disabled: bool = False) -> KeyRing:
+        """The ring of the presented KEKs (and the vouched legacy KEK, if any)."""
+        return self.store.load_ring(conn, self.keks, disabled=disabled,
+                                    vouched=self.legacy_kek)
 
     # -- prepare -------------------------------------------------------------------------
     def prepare(self, policy_version: int | None = None, request: Request | None = None
@@ -140,11 +162,18 @@ class Engine:
                 if self.store.list_keys(conn):  # prove the keyset before writing to it
                     self.store.load_ring(conn, self.keks)
                 self.store.record_coverage(conn, layouts, self.owner, self.actor)
+            if self.legacy_reads is not None:
+                with conn.transaction():
+                    self.store.set_legacy_reads(conn, self.legacy_reads, self.actor)
             created = self.store.ensure_active_key(conn, first or self._kek, self.actor,
                                                    policy_version, layouts)
-            ring = self.store.load_ring(conn, self.keks)
-            if not ring.reads_legacy and has_legacy_rows(conn, layouts):
-                raise_legacy_needs_raw(self._kek)
+            ring = self.load_ring(conn)
+            # Before the first rotation moved them, legacy rows need the bytes of the KEK
+            # they are under; after it, one is a late legacy row: reported, never blocking.
+            if ring.legacy_key is None and not self.store.legacy_state(conn).migrated and \
+                    has_legacy_rows(conn, layouts):
+                raise_legacy_needs_raw(
+                    wrapping_kek(self.store.list_keys(conn), self.keks) or self._kek)
             baseline = policy_version is not None and self.store.record_baseline(
                 conn, policy_version, ring.active_version, self.actor)
             state = observe(conn, self.store, ring.active_version, self._kek.fingerprint,
@@ -226,7 +255,8 @@ class Engine:
                 connect(self.dsn, timeouts=timeouts) as conn:
             counted = prepared.layouts if request.kind == "sweep" else ()
             state = observe(conn, self.store, prepared.ring.active_version,
-                            self._kek.fingerprint, counted, request, prepared.layouts)
+                            self._kek.fingerprint, counted, request, prepared.layouts,
+                            sweeps_legacy=sweeps_legacy(conn, self.store, prepared.ring))
             decision = decide(request, state)
             if decision.action is Action.REKEY:  # first the KEK, then whatever else is due
                 run = Run(self, conn, lock, prepared, options, timeouts, progress, control,
@@ -234,7 +264,8 @@ class Engine:
                 rekeyed = run.rekey()
                 prepared = dataclasses.replace(prepared, ring=run.ring)
                 state = observe(conn, self.store, run.ring.active_version,
-                                self._kek.fingerprint, counted, request, prepared.layouts)
+                                self._kek.fingerprint, counted, request, prepared.layouts,
+                                sweeps_legacy=run.sweeps_legacy)
                 decision = decide(request, state)
             if decision.action not in _ACTS:
                 return dataclasses.replace(_nothing(request, options, state, decision),

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from rotation_operator.crypto import codec
 from rotation_operator.crypto.kek import Kek
+from rotation_operator.crypto.keyring import legacy_cipher
 from rotation_operator.errors import (
     AuditChainError,
     InvalidToken,
@@ -41,9 +43,13 @@ from rotation_operator.store.database import (
 )
 from rotation_operator.store.keys import KeyRecord
 from rotation_operator.store.keystore import KeyStore
+from rotation_operator.store.legacy import LegacyState
 from rotation_operator.store.locks import rotation_lock_held
 from rotation_operator.store.rotations import RotationRecord
-from rotation_operator.store.targets import scan
+from rotation_operator.store.targets import legacy_ids, scan
+
+#: Late legacy rows named in the status (and the Degraded condition), per snapshot.
+LATE_LEGACY_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,11 @@ class TargetCounts:
     legacy: int
     stale: int
     #: Rows under a retired key (or a retiring one with no rotation running), and legacy
-    #: rows once a rotation has moved them: what must not stay.
+    #: rows once a rotation has moved them while legacy reads stay open: what the refresh
+    #: sweeps.
     retired: int
+    #: Some ids of legacy rows written after every legacy row was migrated (late ones).
+    late_legacy_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,19 @@ class Snapshot:
     #: Whether every count is exact (else some come from the planner's statistics).
     exact: bool = True
     counted_at: datetime | None = None
+    #: The legacy record (every legacy row migrated? legacy reads open?).
+    legacy: LegacyState = field(default_factory=LegacyState)
+
+    @property
+    def late_legacy_count(self) -> int:
+        """Legacy rows after every legacy row was migrated: refused while reads are closed,
+        reported by name (:attr:`late_legacy`), never moved by the refresh's sweep."""
+        return self.legacy_count if self.legacy.migrated else 0
+
+    @property
+    def late_legacy(self) -> list[tuple[str, str]]:
+        """(target, id) of some late legacy rows."""
+        return [(t.table, i) for t in self.targets for i in t.late_legacy_ids]
 
     @property
     def secret_count(self) -> int:
@@ -147,6 +169,10 @@ class Snapshot:
             "sweep": None if self.last_sweep is None else {
                 "rows": self.last_sweep.re_encrypted,
                 "finishedAt": rfc3339(self.last_sweep.finished_at)},
+            "legacy": {"reads": "Closed" if self.legacy.reads == "closed" else "Open",
+                       "migratedAt": rfc3339(self.legacy.migrated_at),
+                       "lateRows": self.late_legacy_count,
+                       "lateRowIds": [{"table": t, "id": i} for t, i in self.late_legacy]},
         }
 
 
@@ -165,22 +191,27 @@ def _layouts(conn: Conn, cfg: StoreConfig, store: KeyStore) -> list[Layout]:
     return layouts
 
 
-def _stale_keys(keys: list[KeyRecord], records: list[RotationRecord]) -> set[int | None]:
+def _stale_keys(keys: list[KeyRecord], records: list[RotationRecord], legacy: LegacyState
+                ) -> set[int | None]:
     """Key ids no row may stay under: retired keys, retiring ones when no rotation is moving
     rows off them, and the KEK itself (legacy, ``None``) once a rotation has moved the legacy
-    rows (one written after that is an application still writing without a DEK)."""
+    rows while legacy reads stay open (one written after that is an application still
+    writing without a DEK, swept like a row under a retired key; with reads closed it is a
+    late legacy row instead, refused and never swept)."""
     running = next((r for r in records if r.phase == "running"), None)
     stale: set[int | None] = {
         k.version for k in keys
         if k.state == "retired" or (k.state == "retiring" and running is None)}
-    if migrated(records):
+    if legacy.open_after_migration:
         stale.add(None)
     return stale
 
 
 def migrated(records: list[RotationRecord]) -> bool:
-    """Whether a rotation has finished on this keys table (legacy rows were moved then)."""
-    return any(r.phase == "done" and r.kind in ("policy", "manual") for r in records)
+    """Whether a rotation has finished on this keys table (legacy rows were moved then):
+    what the legacy record is filled from on tables of older releases."""
+    return any(r.phase == "done" and r.kind in ("policy", "manual", "scheduled")
+               for r in records)
 
 
 #: Heaps up to this many rows are counted exactly even when estimates are asked for: a
@@ -206,7 +237,8 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
             records = store.rotation_records(conn)
             running = running_record(records)
             active = next((k.version for k in keys if k.state == "active"), None)
-            stale_keys = _stale_keys(keys, records)
+            legacy = store.legacy_state(conn)
+            stale_keys = _stale_keys(keys, records, legacy)
             per_key: dict[int | None, int] = {}
             targets = []
             all_exact = True
@@ -220,10 +252,13 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
                 for kid, n in counts.items():
                     per_key[kid] = per_key.get(kid, 0) + n
                 rows = sum(counts.values())
+                late = legacy_ids(conn, layout, LATE_LEGACY_SHOWN) \
+                    if legacy.migrated and counts.get(None) else []
                 targets.append(TargetCounts(
                     layout.target.name, layout.kind, rows, counts.get(None, 0),
                     rows - counts.get(active, 0) if active else rows,
-                    sum(n for kid, n in counts.items() if kid in stale_keys)))
+                    sum(n for kid, n in counts.items() if kid in stale_keys),
+                    tuple(str(i) for i in late)))
             events = audit.count(conn, cfg)
     finished = [r for r in records if r.phase == "done" and r.kind != "sweep"]
     sweeps = [r for r in records if r.phase == "done" and r.kind == "sweep"]
@@ -241,6 +276,7 @@ def snapshot(dsn: str, cfg: StoreConfig, *, exact: bool = True,
         audit_events=events,
         exact=all_exact,
         counted_at=counted_at,
+        legacy=legacy,
     )
 
 
@@ -264,11 +300,18 @@ class VerifyReport:
     audit_events: int = 0
     audit_head: str = ""
     audit_error: str | None = None
+    #: Legacy rows written after every legacy row was migrated, by name: ``table``, ``id``
+    #: and ``readableWith``, the fingerprint of a presented KEK that opens it (None: none).
+    late_legacy: list[dict[str, Any]] = field(default_factory=list)
+    late_legacy_count: int = 0
+    #: Legacy rows the ring does not read but a presented KEK opens (a previous KEK after a
+    #: switch to PKCS#11, or legacy reads closed), by that KEK's fingerprint: not failures.
+    legacy_readable: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return (not self.failures and self.audit_error is None and not self.retired
-                and not self.pending and not self.unusable)
+                and not self.pending and not self.unusable and not self.late_legacy_count)
 
     @property
     def in_progress(self) -> bool:
@@ -276,7 +319,7 @@ class VerifyReport:
         again once it finishes)."""
         return bool(self.pending and self.rotation and self.rotation["inProgress"]
                     and not self.failures and self.audit_error is None and not self.retired
-                    and not self.unusable)
+                    and not self.unusable and not self.late_legacy_count)
 
 
 def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
@@ -297,12 +340,15 @@ def verify(dsn: str, cfg: StoreConfig, keks: Sequence[Kek], *,
             ring = store.load_ring(conn, keks)
             records = store.rotation_records(conn)
             keys = store.list_keys(conn)
-            stale_keys = _stale_keys(keys, records)
+            legacy = store.legacy_state(conn)
+            stale_keys = _stale_keys(keys, records, legacy)
             running = running_record(records)
             pending_keys = _pending_keys(keys, records) if running is not None else set()
             unusable = {k.version: k.state for k in keys
                         if k.state in ("disabled", "destroyed")}
-            check = _Check(ring.decrypt, stale_keys, pending_keys, unusable, max_failures)
+            openers = [(k.fingerprint, c) for k in keks if (c := legacy_cipher(k)) is not None]
+            check = _Check(ring.decrypt, stale_keys, pending_keys, unusable, max_failures,
+                           late=legacy.migrated, openers=openers)
             for layout in layouts:
                 check.target(conn, layout, report)
             try:
@@ -351,6 +397,10 @@ class _Check:
     pending_keys: set[int | None]
     unusable: dict[int, str]
     max_failures: int
+    #: Every legacy row was migrated: one found is a late one (named; verify fails).
+    late: bool = False
+    #: The presented KEKs with bytes, tried on a legacy row the ring does not read.
+    openers: Sequence[tuple[str, Any]] = ()
 
     def target(self, conn: Conn, layout: Layout, report: VerifyReport) -> None:
         t = layout.target
@@ -368,11 +418,34 @@ class _Check:
                     name, {"state": self.unusable[key_id], "rows": 0})
                 entry["rows"] += 1
                 continue
+            late = key_id is None and self.late
+            opened = _opener(bytes(value), self.openers) if late else None
+            if late:
+                report.late_legacy_count += 1
+                if len(report.late_legacy) < self.max_failures:
+                    report.late_legacy.append({"table": t.name, "id": str(row_id),
+                                               "readableWith": opened})
             try:
                 self.decrypt(value, key_id)
             except (InvalidToken, UnknownKeyError):
+                if key_id is None and not self.late:
+                    opened = _opener(bytes(value), self.openers)
+                if opened is not None:  # legacy, readable with a presented KEK: no failure
+                    report.legacy_readable[opened] = report.legacy_readable.get(opened, 0) + 1
+                    continue
                 if len(report.failures) < self.max_failures:
                     report.failures.append({"table": t.name, "id": str(row_id),
                                             "key_id": key_id})
                 else:
                     report.failures[-1]["more"] = True
+
+
+def _opener(value: bytes, openers: Sequence[tuple[str, Any]]) -> str | None:
+    """The fingerprint of the first presented KEK whose own bytes open a legacy value."""
+    for fingerprint, cipher in openers:
+        try:
+            codec.decrypt(cipher, value)
+            return fingerprint
+        except InvalidToken:
+            continue
+    return None

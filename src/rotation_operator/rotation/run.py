@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rotation_operator import faults
+from rotation_operator.crypto.keyring import KeyRing
 from rotation_operator.errors import (
     DatabaseForbidden,
     LockLost,
@@ -40,7 +41,7 @@ from rotation_operator.policy.decisions import (
     usage_high,
 )
 from rotation_operator.rotation import mover
-from rotation_operator.rotation.inspection import EXACT_BELOW, migrated
+from rotation_operator.rotation.inspection import EXACT_BELOW
 from rotation_operator.rotation.results import ControlFn, Prepared, ProgressFn, RotationResult
 from rotation_operator.rotation.throttle import Throttle, ThrottleFn
 from rotation_operator.store import audit
@@ -50,6 +51,7 @@ from rotation_operator.store.keystore import (
     KeyStore,
     has_legacy_rows,
     raise_legacy_needs_raw,
+    wrapping_kek,
 )
 from rotation_operator.store.locks import InFlight, RotationLock, in_flight, still_open
 from rotation_operator.store.rotations import seconds_since, still_ours
@@ -95,16 +97,18 @@ class _Claim:
 
 def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = None,
             count: Iterable[Layout] = (), usage: Request | None = None,
-            targets: Sequence[Layout] = (), *, estimate: bool = False) -> State:
+            targets: Sequence[Layout] = (), *, estimate: bool = False,
+            sweeps_legacy: bool = False) -> State:
     """The database's state for :func:`decide` (``current_kek``: the current KEK's
     fingerprint, to see whether a rekey is due; ``count``: also count rows under retired
     keys in these targets, a full scan, so only sweeps ask; ``usage``: a request that may
     rotate on usage, for which the rows of ``targets`` are counted when the active key is
     near its bound, in ``targets``; ``estimate``: from the statistics for large tables, as
-    a report's look may, not under the lock)."""
+    a report's look may, not under the lock; ``sweeps_legacy``: legacy rows count among
+    them, as a sweep would move them: :func:`sweeps_legacy`)."""
     records = store.rotation_records(conn)
     layouts = list(count)
-    retired = store.count_stale(conn, layouts, active, legacy=migrated(records)) \
+    retired = store.count_stale(conn, layouts, active, legacy=sweeps_legacy) \
         if layouts else None
     state = gather(store.list_keys(conn), served_version(records),
                    Running.of(running_record(records)), current_kek=current_kek,
@@ -117,6 +121,13 @@ def observe(conn: Conn, store: KeyStore, active: int, current_kek: str | None = 
             rows = store.count_stale(conn, targets, 0, legacy=True)  # every row (no key 0)
         state = dataclasses.replace(state, rows=rows)
     return state
+
+
+def sweeps_legacy(conn: Conn, store: KeyStore, ring: KeyRing) -> bool:
+    """Whether a sweep moves legacy rows: only once every legacy row was migrated (one
+    written later is under the KEK, not the active key), and only with a ring that reads
+    them (the KEK's bytes at hand, and legacy reads kept open, or a vouched legacy KEK)."""
+    return ring.reads_legacy and store.legacy_state(conn).migrated
 
 
 class Run:
@@ -141,9 +152,11 @@ class Run:
         #: transaction holding a write lock: waiting inside it would only hurt more).
         self.throttle = Throttle(conn, options, throttled, self.sleep)
         #: A sweep also moves legacy rows once a rotation has moved them (one written later
-        #: is under the KEK, not the active key), when the KEK's bytes are at hand.
-        self.sweeps_legacy = prepared.ring.reads_legacy and migrated(
-            engine.store.rotation_records(conn))
+        #: is under the KEK, not the active key), when its ring reads them.
+        self.sweeps_legacy = sweeps_legacy(conn, engine.store, prepared.ring)
+        #: A rotation moves legacy rows when its ring reads them; once legacy reads are
+        #: closed it leaves them where they are (refused, and reported by name).
+        self.moves_legacy = prepared.ring.reads_legacy
 
     # -- the steps -----------------------------------------------------------------------
     def act(self, decision: Decision, request: Request) -> RotationResult:
@@ -159,7 +172,7 @@ class Run:
         faults.point("after-start")
         self.claim = claim = dataclasses.replace(claim, announced=self.store.announce(
             self.conn, claim.record_id, claim.fence))
-        self.ring = self.store.load_ring(self.conn, self.e.keks)
+        self.ring = self.e.load_ring(self.conn)
         self.report()
         try:
             if claim.kind == "sweep":
@@ -171,10 +184,10 @@ class Run:
                 retired = self._atomic()
                 caught = 0
             else:
-                self._pass(legacy=True)
+                self._pass(legacy=self.moves_legacy)
                 handover = self._handover()
-                caught = self._passes(legacy=True, after_handover=True)
-                retired = self._finish(legacy=True)
+                caught = self._passes(legacy=self.moves_legacy, after_handover=True)
+                retired = self._finish(legacy=self.moves_legacy)
         except RowDecryptError as exc:
             self._record_failure(exc)
             raise
@@ -191,7 +204,8 @@ class Run:
         versions = [k.version for k in self.store.list_keys(self.conn)]
         new_version, old = max(versions) + 1, self.ring.active_version
         # Every row moves: none is under the key about to be minted.
-        total = self.store.count_stale(self.conn, self.layouts, new_version, legacy=True)
+        total = self.store.count_stale(self.conn, self.layouts, new_version,
+                                       legacy=self.moves_legacy)
         kind = decision.kind
         requested = request.version if kind == "policy" else None
         actor = f"{self.e.actor} {decision.reason}" if kind == "scheduled" else self.e.actor
@@ -216,7 +230,7 @@ class Run:
         # What this run has to move: the rows left (the record counts on from what the
         # earlier runs moved).
         left = self.store.count_stale(self.conn, self.layouts, record.to_version,
-                                      legacy=True)
+                                      legacy=self.moves_legacy)
         self.store.set_left(self.conn, record.id, left)
         self.counter.total = self.counter.done + left
         audit.append(self.conn, self.e.cfg, "rotation_resumed", key_version=record.to_version,
@@ -241,19 +255,27 @@ class Run:
     def rekey(self) -> tuple[int, ...]:
         """Wrap every DEK under the current KEK, unwrapping each with the previous KEK that
         wrapped it.  Legacy rows go first (they are under the old KEK itself): a sweep that
-        moves them, and only them, onto the active DEK.  Then one transaction rewraps every
-        key, each new wrap checked before it is written.  Idempotent and crash-safe: the
-        stored fingerprints say what is left.
+        moves them, and only them, onto the active DEK, while the ring reads them.  Once
+        every legacy row was migrated and legacy reads are closed, a late one stays where it
+        is (refused, reported by name; ``sweep --legacy-kek`` moves it).  Then one
+        transaction rewraps every key, each new wrap checked before it is written.
+        Idempotent and crash-safe: the stored fingerprints say what is left.
 
         No other value changes (``docs/format.md`` §3): a row under a retired DEK needs
         that DEK, not the old KEK, and the DEK is rewrapped.  Moving it would not help
         against a leaked old KEK either: the active DEK was wrapped by it too (a rotation
         after the rekey mints one the old KEK never saw)."""
         current = self.e._kek
-        if not self.ring.reads_legacy_as(current) and has_legacy_rows(self.conn,
-                                                                      self.layouts):
-            if not self.ring.reads_legacy:
-                raise_legacy_needs_raw(current)
+        moving = not self.ring.reads_legacy_as(current) and has_legacy_rows(self.conn,
+                                                                            self.layouts)
+        if moving and not self.ring.reads_legacy:
+            if not self.store.legacy_state(self.conn).migrated:
+                raise_legacy_needs_raw(wrapping_kek(self.store.list_keys(self.conn),
+                                                    self.e.keks) or current)
+            log.warning("late legacy rows (key id NULL) stay under the old KEK: this ring "
+                        "does not read them (docs/hsm.md: sweep --legacy-kek)")
+            moving = False
+        if moving:
             log.info("moving legacy rows onto DEK v%s before the KEK changes",
                      self.ring.active_version)
             with self.conn.transaction():
@@ -265,7 +287,7 @@ class Run:
         faults.point("rekey-after-legacy")
         with self.conn.transaction():
             # Disabled keys too: enabling one later must not need the old KEK.
-            every = self.store.load_ring(self.conn, self.e.keks, disabled=True)
+            every = self.e.load_ring(self.conn, disabled=True)
             done = self.store.rewrap(self.conn, every, current, self.e.actor)
             if done:
                 audit.append(self.conn, self.e.cfg, "kek_rotated", actor=self.e.actor,
@@ -273,7 +295,9 @@ class Run:
                                      "rewrapped": done})
             faults.point("rekey-before-commit")
         log.info("rewrapped DEKs %s under the KEK %s", done, current.fingerprint)
-        self.ring = self.store.load_ring(self.conn, self.e.keks)
+        self.ring = self.e.load_ring(self.conn)
+        self.moves_legacy = self.ring.reads_legacy
+        self.sweeps_legacy = sweeps_legacy(self.conn, self.store, self.ring)
         return tuple(done)
 
     # -- moving rows ---------------------------------------------------------------------
@@ -440,20 +464,20 @@ class Run:
 
             for layout in self.layouts:
                 for i in range(len(layout.heaps)):
-                    work = self._work(layout, i, True, fenced=False)
+                    work = self._work(layout, i, self.moves_legacy, fenced=False)
                     pl = mover.plan(self.conn, work)
                     batch = mover.BatchMover(work, self.ring, self.store)
                     for lo, hi in pl.ranges():
                         batch.move_range(self.conn, pl, lo, hi, own_tx=False,
                                          on_batch=on_batch)
             left = self.store.count_stale(self.conn, self.layouts, claim.to_version,
-                                          legacy=True)
+                                          legacy=self.moves_legacy)
             if left:
-                raise self._stuck(True, f"{left} rows were not updated inside the locked "
-                                        "transaction")
+                raise self._stuck(self.moves_legacy, f"{left} rows were not updated inside "
+                                                     "the locked transaction")
             self.store.add_progress(self.conn, claim.record_id, self.counter.done)
             faults.point("before-finish")
-            retired = self._retire_and_finish()
+            retired = self._retire_and_finish(legacy=self.moves_legacy)
         self.report(force=True)
         return retired
 
@@ -477,9 +501,12 @@ class Run:
             self.store.check_fence(self.conn, claim.record_id, claim.fence, claim.to_version,
                                    exclusive=True)
             faults.point("before-finish")
-            return self._retire_and_finish()
+            return self._retire_and_finish(legacy=legacy)
 
-    def _retire_and_finish(self) -> tuple[int, ...]:
+    def _retire_and_finish(self, *, legacy: Scope) -> tuple[int, ...]:
+        """Retire, record, audit; and record the legacy rows migrated when this step's
+        passes moved them all (``legacy``: they included legacy rows, and the last count
+        found none), or a rotation whose ring reads none finds none left."""
         claim = self.claim
         assert claim is not None
         retired = tuple(self.store.retire_retiring(self.conn, self.e.actor)) \
@@ -488,12 +515,15 @@ class Run:
         self.store.finish_record(self.conn, claim.record_id,
                                  {"legacyMigrated": self.counter.legacy})
         event = "rows_swept" if claim.kind == "sweep" else "rotation_finished"
+        detail = {"policy_version": claim.requested, "kind": claim.kind,
+                  "re_encrypted": self.counter.done, "legacy_migrated": self.counter.legacy,
+                  "retired": list(retired)}
+        if self.e.legacy_kek is not None and self.counter.legacy:
+            detail["legacy_kek"] = self.e.legacy_kek.fingerprint  # vouched for by the caller
         audit.append(self.conn, self.e.cfg, event, key_version=claim.to_version,
-                     actor=self.e.actor, detail={"policy_version": claim.requested,
-                                                 "kind": claim.kind,
-                                                 "re_encrypted": self.counter.done,
-                                                 "legacy_migrated": self.counter.legacy,
-                                                 "retired": list(retired)})
+                     actor=self.e.actor, detail=detail)
+        if legacy or (claim.kind != "sweep" and not has_legacy_rows(self.conn, self.layouts)):
+            self.store.mark_legacy_migrated(self.conn, self.e.actor, claim.record_id)
         return retired
 
     def _after(self) -> int:
@@ -508,7 +538,10 @@ class Run:
             log.warning("the rotation lock was lost after the rotation finished; leaving "
                         "rows that arrived under the old key to the next sweep")
             return 0
-        legacy = self.ring.reads_legacy
+        # The legacy record as this rotation's finish left it: once closed, a legacy row
+        # that arrived meanwhile is a late one (refused, reported), not swept.
+        legacy = self.ring.reads_legacy and (
+            self.e.legacy_kek is not None or not self.store.legacy_state(self.conn).closed)
         left = self.store.count_stale(self.conn, self.layouts, self.ring.active_version,
                                       legacy=legacy)
         if not left:

@@ -14,6 +14,7 @@ literals.
 * :mod:`.keys`: the keys table (DEK rows, states);
 * :mod:`.rotations`: rotation records and their fences;
 * :mod:`.coverage`: which targets a keys table covers (the meta table);
+* :mod:`.legacy`: the meta table's legacy record (legacy rows migrated; reads closed?);
 * :mod:`.audit`: the hash-chained audit log;
 * :mod:`.keystore`: the facade over those tables, and the one place DEKs meet KEKs;
 * :mod:`.catalog`: what a target is made of (heaps, triggers, grants), before any write;

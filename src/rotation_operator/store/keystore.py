@@ -33,12 +33,22 @@ from rotation_operator.errors import (
     RotationOperatorError,
 )
 from rotation_operator.policy.config import StoreConfig
-from rotation_operator.store import advisory, audit, coverage, keys, rotations, schema, targets
+from rotation_operator.store import (
+    advisory,
+    audit,
+    coverage,
+    keys,
+    legacy,
+    rotations,
+    schema,
+    targets,
+)
 from rotation_operator.store.advisory import lock_id
 from rotation_operator.store.catalog import Heap, Layout
 from rotation_operator.store.coverage import Coverage
 from rotation_operator.store.database import Conn
 from rotation_operator.store.keys import READABLE, KeyRecord
+from rotation_operator.store.legacy import LegacyState, Reads
 from rotation_operator.store.names import Tables
 from rotation_operator.store.rotations import RotationRecord
 from rotation_operator.store.schema import SCHEMA_VERSION
@@ -50,8 +60,9 @@ from rotation_operator.store.targets import (
 )
 
 __all__ = ["LEGACY_SAMPLE", "READABLE", "SCHEMA_VERSION", "Coverage", "KeyRecord", "KeyStore",
-           "RotationRecord", "check_legacy_kek", "check_no_key_ids", "has_legacy_rows",
-           "legacy_kek", "lock_id", "raise_legacy_needs_raw", "stale_condition"]
+           "LegacyState", "RotationRecord", "check_legacy_kek", "check_no_key_ids",
+           "has_legacy_rows", "legacy_kek", "lock_id", "raise_legacy_needs_raw",
+           "stale_condition", "wrapping_kek"]
 
 #: Rows sampled per target to prove the KEK before key v1 binds the keys table to it.
 LEGACY_SAMPLE = 20
@@ -138,7 +149,7 @@ class KeyStore:
             return False
 
     def load_ring(self, conn: Conn, keks: Sequence[Kek], *,
-                  disabled: bool = False) -> KeyRing:
+                  disabled: bool = False, vouched: Kek | None = None) -> KeyRing:
         """Unwrap every stored DEK with whichever presented KEK wrapped it (the current
         one, or a previous one during a rekey); fail closed with :class:`KekMismatchError`
         when no KEK presented wrapped a key, and :class:`KeysetTampered` when the KEK its
@@ -147,7 +158,11 @@ class KeyStore:
         Every key is checked, not only the active one: rows (and backups) may reference any.
         Messages name only the fingerprints of the KEKs presented, never a stored one (it
         would let a guessed, low-entropy KEK be checked offline).  The ring reads legacy
-        rows with the raw bytes of the KEK that wraps the keys, when they can be read.
+        rows with the raw bytes of the KEK that wraps the keys, when they can be read,
+        until the legacy record says every legacy row was migrated and reads are closed
+        (:mod:`.legacy`): then it refuses key id NULL.  ``vouched``: a KEK the caller
+        vouches legacy rows are under (``sweep --legacy-kek``): read with its bytes, closed
+        or not.
         """
         presented = list(keks)
         every = self.list_keys(conn)
@@ -179,7 +194,20 @@ class KeyStore:
                     f"not unwrap under the KEK its fingerprint names ({kek.fingerprint}): "
                     "the keys table was altered; restore it from a backup",
                     key_version=k.version) from None
-        return KeyRing.of(active[0], deks, legacy_kek(keys, presented), unavailable)
+        if vouched is not None:
+            return KeyRing.of(active[0], deks, vouched, unavailable)
+        return KeyRing.of(active[0], deks, legacy_kek(keys, presented), unavailable,
+                          legacy_closed=self.legacy_state(conn).closed)
+
+    # -- the legacy record ---------------------------------------------------------------
+    def legacy_state(self, conn: Conn) -> LegacyState:
+        return legacy.state(conn, self.tables)
+
+    def set_legacy_reads(self, conn: Conn, reads: Reads, actor: str) -> bool:
+        return legacy.set_reads(conn, self.tables, reads, actor)
+
+    def mark_legacy_migrated(self, conn: Conn, actor: str, record_id: int) -> bool:
+        return legacy.mark_migrated(conn, self.tables, actor, record_id)
 
     def rewrap(self, conn: Conn, ring: KeyRing, current: Kek, actor: str) -> list[int]:
         """Wrap every DEK not yet under ``current`` with it, in the caller's transaction;
@@ -311,6 +339,14 @@ def legacy_kek(keys: Sequence[KeyRecord], presented: Sequence[Kek]) -> Kek | Non
     return None
 
 
+def wrapping_kek(keys: Sequence[KeyRecord], presented: Sequence[Kek]) -> Kek | None:
+    """The presented KEK that wraps the active key (else any stored key), for messages."""
+    ordered = sorted(keys, key=lambda k: (k.state != "active", -k.version))
+    for k in ordered:
+        found = kek_mod.find(presented, k.kek_fingerprint)
+        if found is not None:
+            return found
+    return None
 
 
 def check_legacy_kek(conn: Conn, kek: Kek, layouts: Sequence[Layout],
@@ -346,8 +382,14 @@ def check_legacy_kek(conn: Conn, kek: Kek, layouts: Sequence[Layout],
 
 
 def raise_legacy_needs_raw(kek: Kek) -> None:
+    """Legacy rows must move and ``kek``, the KEK that wraps the keys (so the one they are
+    under), cannot give its bytes: only a PKCS#11 key keeps them (a Secret, a file or a
+    variable holds them in this process)."""
+    why = ("keeps its bytes inside its token (a PKCS#11 key never lets them out)"
+           if not kek.extractable else "was not presented as the KEK that wraps the keys")
     raise LegacyNeedsRawKek(
         f"legacy rows (key id NULL) are encrypted with the KEK itself, and {kek.describe()} "
-        "does not let its bytes out: move them onto a DEK first with the KEK in a Secret "
-        "(spec.kek, or among spec.previousKeks while it rekeys), then use the HSM key")
+        f"{why}: move them onto a DEK first with the KEK they are under in a Secret "
+        "(spec.kek, or among spec.previousKeks while it rekeys; --previous-kek for the CLI), "
+        "then use the HSM key")
 

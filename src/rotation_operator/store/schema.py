@@ -6,8 +6,8 @@ Tables of one keys table ``K`` (names from :mod:`.names`):
   index allows one ``active`` key (:mod:`.keys`).
 * ``K_rotations``: one row per rotation or sweep, with its **fence** token; a partial
   unique index allows one ``running`` rotation (:mod:`.rotations`).
-* ``K_meta``: the schema version, and which targets this keys table covers and for whom
-  (:mod:`.coverage`).
+* ``K_meta``: the schema version, which targets this keys table covers and for whom
+  (:mod:`.coverage`), and the legacy record (:mod:`.legacy`).
 * ``K_audit``: the hash chain (:mod:`.audit`).
 
 Fresh tables are created in their first shape and then migrated like old ones, so there is
@@ -25,7 +25,7 @@ from rotation_operator.store.database import Conn
 from rotation_operator.store.names import Tables
 
 #: Version of the operator's own tables; :func:`migrate` brings older ones here.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def exists(conn: Conn, tables: Tables) -> bool:
@@ -85,6 +85,8 @@ def migrate(conn: Conn, tables: Tables) -> None:
                 _migrate_v2(conn, tables)
             if version < 3:
                 _migrate_v3(conn, tables)
+            if version < 4:
+                _migrate_v4(conn, tables)
             if version < SCHEMA_VERSION:
                 conn.execute(sql.SQL("UPDATE {} SET schema_version = %s, updated_at = now()"
                                      ).format(tables.meta), (SCHEMA_VERSION,))
@@ -184,6 +186,20 @@ def _migrate_v3(conn: Conn, tables: Tables) -> None:
         "ADD COLUMN destroyed_at timestamptz, "
         "ADD COLUMN encryptions bigint NOT NULL DEFAULT 0, "
         "ADD COLUMN writes_at_mint bigint").format(tables.keys))
+
+
+def _migrate_v4(conn: Conn, tables: Tables) -> None:
+    """The legacy record (:mod:`.legacy`): when every legacy row was migrated, and
+    whether rings keep reading legacy rows after that.  A keys table whose first rotation
+    finished under an older release migrated them then: recorded from its records."""
+    conn.execute(sql.SQL(
+        "ALTER TABLE {} ADD COLUMN legacy_migrated_at timestamptz, "
+        "ADD COLUMN legacy_reads text NOT NULL DEFAULT 'closed' "
+        "CHECK (legacy_reads IN ('open', 'closed'))").format(tables.meta))
+    conn.execute(sql.SQL(
+        "UPDATE {meta} SET legacy_migrated_at = (SELECT min(finished_at) FROM {rot} "
+        "WHERE phase = 'done' AND kind IN ('policy', 'manual', 'scheduled'))").format(
+            meta=tables.meta, rot=tables.rotations))
 
 
 def _replace_check(conn: Conn, tables: Tables, table: str, column: str, name: str,

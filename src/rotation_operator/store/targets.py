@@ -206,6 +206,14 @@ def legacy_sample(conn: Conn, layout: Layout, n: int) -> list[tuple[object, byte
     return [(row_id, bytes(value)) for row_id, value in conn.execute(q, (n,)).fetchall()]
 
 
+def legacy_ids(conn: Conn, layout: Layout, n: int) -> list[object]:
+    """Ids of up to ``n`` legacy rows of one target, lowest first (to name late ones)."""
+    t = layout.target
+    q = sql.SQL("SELECT {id} FROM {t} WHERE {kid} IS NULL ORDER BY {id} LIMIT %s").format(
+        id=sql.Identifier(t.id_column), kid=sql.Identifier(t.key_id_column), t=layout.ident)
+    return [row[0] for row in conn.execute(q, (n,)).fetchall()]
+
+
 # -- statistics and maintenance ------------------------------------------------------------
 def writes(conn: Conn, layouts: Sequence[Layout]) -> int:
     """Rows inserted and updated in every heap of the targets, from the statistics."""
