@@ -11,7 +11,7 @@ still open with what it holds.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 
@@ -21,7 +21,15 @@ from rotation_operator.policy.decisions import Request
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.rotation.lifecycle import Lifecycle
 from rotation_operator.store.keystore import KeyStore
-from tests.fixtures.fix_app import ONLINE, App, make_app, new_kek, read_rows
+from tests.fixtures.fix_app import (
+    ONLINE,
+    App,
+    db_now,
+    make_app,
+    new_kek,
+    read_rows,
+    relation_on_disk,
+)
 from tests.fixtures.keks import keks
 from tests.fixtures.roles import admin_dsn
 
@@ -51,22 +59,6 @@ def _unwraps(kek: bytes, wrapped: bytes, version: int) -> bool:
     return True
 
 
-def _keys_table_on_disk(dsn: str) -> bytes:
-    """The keys table's file as the superuser reads it after a checkpoint."""
-    with psycopg.connect(admin_dsn(dsn), autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-        row = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath("
-                           "'public.encryption_keys'))").fetchone()
-    assert row is not None
-    return bytes(row[0])
-
-
-def _now(dsn: str) -> datetime:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
 
 
 def test_a_leaked_dek_opens_no_live_value_and_its_wraps_stop_opening(dsn: str) -> None:
@@ -80,11 +72,11 @@ def test_a_leaked_dek_opens_no_live_value_and_its_wraps_stop_opening(dsn: str) -
     app.engine().rotate(2, ONLINE)
     # 2. disable the leaked DEK; after the waiting period, destroy it
     life = Lifecycle(dsn, app.cfg, actor="runbook")
-    life.disable(1, _now(dsn))
+    life.disable(1, db_now(dsn))
     with psycopg.connect(admin_dsn(dsn), autocommit=True) as conn:  # 8 days pass
         conn.execute("UPDATE encryption_keys SET disabled_at = disabled_at - interval '8 days', "
                      "destroy_after = destroy_after - interval '8 days' WHERE version = 1")
-    life.destroy(1, _now(dsn) + timedelta(seconds=1))
+    life.destroy(1, db_now(dsn) + timedelta(seconds=1))
     # 3. rekey: every DEK left is rewrapped under a new KEK; the old KEK is then retired
     new_kek_bytes = new_kek()
     rekeyed = Engine(dsn, app.cfg, keks(new_kek_bytes, old_kek), actor="runbook").execute(
@@ -95,7 +87,7 @@ def test_a_leaked_dek_opens_no_live_value_and_its_wraps_stop_opening(dsn: str) -
     live_rows = read_rows(dsn, app.target)
     assert live_rows and not any(_opens(leaked, v) for v, _ in live_rows.values())
     assert all(kid == 2 for _, kid in live_rows.values())
-    assert before_wraps[1] not in _keys_table_on_disk(dsn)
+    assert before_wraps[1] not in relation_on_disk(dsn, "public.encryption_keys")
     dataclasses.replace(app, kek=new_kek_bytes).assert_rotated()  # every value reads back
     # A backup taken now holds nothing the old KEK opens: once the old KEK is destroyed,
     # only the new one opens the keys, and the leaked DEK is in no backup of them.

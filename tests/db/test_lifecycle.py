@@ -21,10 +21,12 @@ from tests.fixtures.fix_app import (
     ONLINE,
     App,
     audit_events,
+    db_now,
     in_thread,
     keys,
     make_app,
     read_rows,
+    relation_on_disk,
     run_cli,
     verify_audit,
 )
@@ -34,13 +36,6 @@ from tests.fixtures.roles import app_dsn
 DAY = timedelta(days=1)
 RETAIN = Retention(disable_after=timedelta(days=10), destroy_after=timedelta(days=7))
 
-
-def _now(dsn: str) -> datetime:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
 
 
 def _records(app: App) -> list[tuple[str, int | None, str]]:
@@ -133,14 +128,14 @@ def test_usage_is_counted_and_a_key_near_its_bound_rotates_when_allowed(dsn: str
         conn.execute("SELECT pg_stat_force_next_flush()")
     for i in app.expected[app.target]:
         app.expected[app.target][i] = b"app-secret-rewritten"
-    Lifecycle(dsn, app.cfg, actor="t").run(None, _now(dsn))  # the census
+    Lifecycle(dsn, app.cfg, actor="t").run(None, db_now(dsn))  # the census
     assert _key(app, 2).encryptions >= 1200  # 300 by the rotation, 900 by the application
     limit = 1400  # 80% is 1120: near; 300 rows are under half of it: a rotation helps
-    request = Request("policy", 2, now=_now(dsn), max_encryptions=limit, rotate_on_usage=True)
+    request = Request("policy", 2, now=db_now(dsn), max_encryptions=limit, rotate_on_usage=True)
     res = app.engine().execute(request, ONLINE)
     assert res.performed, res.decision
     assert res.decision is not None and res.decision.reason == "UsageBound"
-    Lifecycle(dsn, app.cfg, actor="t").run(None, _now(dsn))
+    Lifecycle(dsn, app.cfg, actor="t").run(None, db_now(dsn))
     assert _key(app, 3).encryptions < 0.8 * limit  # the new key wrote each row once
     assert not app.engine().execute(request, ONLINE).performed
     app.assert_rotated()
@@ -151,7 +146,7 @@ def test_disable_enable_then_destroy_after_the_waiting_period(dsn: str) -> None:
     app = make_app(dsn, 200)
     app.engine().rotate(2, ONLINE)  # v1 retired, no row under it
     life = Lifecycle(dsn, app.cfg, actor="retention")
-    t0 = _now(dsn)
+    t0 = db_now(dsn)
     # the census marks since when v1 has had no row; the plan is the dry run
     outcome = life.run(RETAIN, t0, apply=False)
     assert _key(app, 1).zero_rows_since is not None
@@ -195,21 +190,21 @@ def test_every_step_is_refused_while_a_row_references_the_key(dsn: str) -> None:
     app = make_app(dsn, 100)
     app.engine().rotate(2, ONLINE)
     life = Lifecycle(dsn, app.cfg, actor="t")
-    life.disable(1, _now(dsn))
+    life.disable(1, db_now(dsn))
     held = read_rows(dsn, app.target)[1]
     with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # a backup's row, restored
         conn.execute("UPDATE secrets SET key_id = 1 WHERE id = 1")
     with pytest.raises(KeyInUse, match=r"row 1 of public\.secrets still references it"):
-        life.destroy(1, _now(dsn) + timedelta(days=8))
+        life.destroy(1, db_now(dsn) + timedelta(days=8))
     with Encryptor(app_dsn(dsn), app.kek) as enc, pytest.raises(UnknownKeyError,
                                                               match="DEK v1 is disabled"):
         enc.decrypt(read_rows(dsn, app.target)[1][0], 1)
     life.enable(1)
     with pytest.raises(KeyInUse):
-        life.disable(1, _now(dsn))
+        life.disable(1, db_now(dsn))
     with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:
         conn.execute("UPDATE secrets SET key_id = %s WHERE id = 1", (held[1],))
-    outcome = life.run(RETAIN, _now(dsn) + timedelta(days=30))
+    outcome = life.run(RETAIN, db_now(dsn) + timedelta(days=30))
     assert _key(app, 1).state == "retired"  # zero rows only since the census just now
     assert outcome.done == ()
 
@@ -225,7 +220,7 @@ def _age_disabled(dsn: str, *, days: int) -> None:
 def test_the_cli_asks_for_confirmation_and_names_every_refusal(dsn: str) -> None:
     app = make_app(dsn, 50)
     app.engine().rotate(2, ONLINE)
-    now = _now(dsn)
+    now = db_now(dsn)
     proc = run_cli("keys", "disable", "1", dsn=dsn, kek=None)
     assert proc.returncode == 2 and "pass --confirm" in proc.stderr
     proc = run_cli("keys", "disable", "2", "--confirm", dsn=dsn, kek=None)
@@ -261,7 +256,7 @@ def test_the_cli_asks_for_confirmation_and_names_every_refusal(dsn: str) -> None
 # -- review findings: what must never happen by itself ------------------------------------
 def _disable_and_age(dsn: str, app: App, days: int) -> Lifecycle:
     life = Lifecycle(dsn, app.cfg, actor="t")
-    life.disable(1, _now(dsn))
+    life.disable(1, db_now(dsn))
     _age_disabled(dsn, days=days)
     return life
 
@@ -273,16 +268,16 @@ def test_a_key_disabled_by_hand_is_destroyed_by_no_timer(dsn: str) -> None:
     assert proc.returncode == 0 and "nothing destroys it but" in proc.stdout, proc.stderr
     assert _key(app, 1).destroy_after is None
     life = Lifecycle(dsn, app.cfg, actor="t")
-    later = _now(dsn) + timedelta(days=400)
+    later = db_now(dsn) + timedelta(days=400)
     outcome = life.run(None, later)
     assert outcome.plan == () and _key(app, 1).state == "disabled"
     # a policy's own waiting period counts from the disable, whatever was stored
     slow = Retention(disable_after=timedelta(days=10), destroy_after=timedelta(days=30))
     _age_disabled(dsn, days=8)
-    assert life.run(slow, _now(dsn)).done == ()
+    assert life.run(slow, db_now(dsn)).done == ()
     assert _key(app, 1).state == "disabled"
     _age_disabled(dsn, days=23)
-    assert [s.action for s in life.run(slow, _now(dsn)).done] == ["destroy"]
+    assert [s.action for s in life.run(slow, db_now(dsn)).done] == ["destroy"]
     assert _key(app, 1).state == "destroyed"
 
 
@@ -310,7 +305,7 @@ def test_a_writer_in_flight_cannot_slip_a_row_past_a_destroy(dsn: str) -> None:
     old = read_rows(dsn, app.target)[1][0]
     with psycopg.connect(app_dsn(dsn)) as writer:  # a restore in flight, not yet committed
         writer.execute("UPDATE secrets SET value = %s, key_id = 1 WHERE id = 2", (old,))
-        thread, out = in_thread(lambda: life.destroy(1, _now(dsn)))
+        thread, out = in_thread(lambda: life.destroy(1, db_now(dsn)))
         thread.join(1.5)
         assert thread.is_alive(), "the destroy did not wait for the transaction in flight"
         writer.commit()
@@ -327,7 +322,7 @@ def test_rows_under_a_destroyed_key_stop_rotations_before_anything_is_minted(dsn
     app.engine().rotate(2, ONLINE)
     old = read_rows(dsn, app.target)[3][0]
     life = _disable_and_age(dsn, app, days=8)
-    life.destroy(1, _now(dsn))
+    life.destroy(1, db_now(dsn))
     with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # an old backup's row
         conn.execute("UPDATE secrets SET value = %s, key_id = 1 WHERE id = 3", (old,))
     with pytest.raises(RowsUnderUnusableKey, match=r"row 3 of public\.secrets is under DEK "
@@ -339,7 +334,6 @@ def test_rows_under_a_destroyed_key_stop_rotations_before_anything_is_minted(dsn
 def test_a_destroyed_dek_is_gone_from_every_page_of_the_keys_table(dsn: str) -> None:
     """Read the keys table's files as the superuser, after a checkpoint: a plain UPDATE
     would leave the old row version, and a plain VACUUM its bytes."""
-    from tests.fixtures.roles import admin_dsn
 
     app = make_app(dsn, 20)
     app.engine().rotate(2, ONLINE)
@@ -347,15 +341,10 @@ def test_a_destroyed_dek_is_gone_from_every_page_of_the_keys_table(dsn: str) -> 
     life = _disable_and_age(dsn, app, days=8)
 
     def on_disk() -> bytes:
-        with psycopg.connect(admin_dsn(dsn), autocommit=True) as conn:
-            conn.execute("CHECKPOINT")
-            row = conn.execute("SELECT pg_read_binary_file(pg_relation_filepath("
-                               "'public.encryption_keys'))").fetchone()
-        assert row is not None
-        return bytes(row[0])
+        return relation_on_disk(dsn, "public.encryption_keys")
 
     assert wrapped in on_disk()  # the check can see it
-    life.destroy(1, _now(dsn))
+    life.destroy(1, db_now(dsn))
     assert wrapped not in on_disk()
     verify_audit(dsn, app.cfg)  # raises if the chain is broken
 
@@ -368,7 +357,7 @@ def test_usage_of_key_v1_counts_the_library_writes_too(dsn: str) -> None:
     import time
 
     time.sleep(1.0)  # the writes reach the statistics
-    Lifecycle(dsn, app.cfg, actor="t").run(None, _now(dsn))
+    Lifecycle(dsn, app.cfg, actor="t").run(None, db_now(dsn))
     assert _key(app, 1).encryptions >= 400
 
 
@@ -376,12 +365,12 @@ def test_enable_restarts_the_zero_rows_clock(dsn: str) -> None:
     app = make_app(dsn, 30)
     app.engine().rotate(2, ONLINE)
     life = Lifecycle(dsn, app.cfg, actor="t")
-    life.run(None, _now(dsn))
+    life.run(None, db_now(dsn))
     assert _key(app, 1).zero_rows_since is not None
-    life.disable(1, _now(dsn))
+    life.disable(1, db_now(dsn))
     life.enable(1)
     assert _key(app, 1).zero_rows_since is None
-    assert life.run(RETAIN, _now(dsn)).done == ()  # not disabled again at once
+    assert life.run(RETAIN, db_now(dsn)).done == ()  # not disabled again at once
 
 
 def test_a_resumed_scheduled_rotation_adopts_a_bump_known_before_its_first_batch(
@@ -479,7 +468,7 @@ def test_the_timer_sweeps_rows_under_a_retired_key_even_when_a_schedule_is_due_a
 
     events = Events()
     policy = Policy("ns", "app", 1, spec, {"observedVersion": 2})
-    assert timer.refresh(policy, events, OperatorSettings(), _now(dsn) + timedelta(hours=2))
+    assert timer.refresh(policy, events, OperatorSettings(), db_now(dsn) + timedelta(hours=2))
     assert not_under_active(dsn, app.cfg) == 0  # swept onto v2
     assert "StaleRowsSwept" in events.seen
     assert len(reconciled) == 1  # and then the schedule, which is the reconcile's to judge

@@ -7,7 +7,7 @@ rekey changes no value but legacy rows."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import kopf
@@ -29,6 +29,7 @@ from tests.fixtures.fix_app import (
     App,
     Gate,
     audit_events,
+    db_now,
     dump,
     in_thread,
     make_app,
@@ -53,13 +54,6 @@ def _as_admin(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> None:
     with psycopg.connect(admin_dsn(dsn), autocommit=True) as conn:
         conn.execute(statement, params)
 
-
-def _now(dsn: str) -> datetime:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
 
 
 def _records(app: App) -> list[RotationRecord]:
@@ -157,7 +151,7 @@ def test_verify_fails_while_a_row_needs_a_disabled_or_destroyed_key(dsn: str) ->
     backup = read_rows(dsn, app.target)  # every row under v1
     app.engine().rotate(2, ONLINE)
     life = Lifecycle(dsn, app.cfg, actor="t")
-    life.disable(1, _now(dsn))
+    life.disable(1, db_now(dsn))
     current = read_rows(dsn, app.target)
     restored = [3, 7]
     for i in restored:  # rows of an old backup, put back by a database writer
@@ -175,7 +169,7 @@ def test_verify_fails_while_a_row_needs_a_disabled_or_destroyed_key(dsn: str) ->
         _as_admin(dsn, "UPDATE secrets SET value = %s, key_id = 2 WHERE id = %s",
                   (current[i][0], i))
     assert inspection.verify(dsn, app.cfg, keks(app.kek)).ok
-    life.destroy(1, _now(dsn) + timedelta(days=8))
+    life.destroy(1, db_now(dsn) + timedelta(days=8))
     _as_admin(dsn, "UPDATE secrets SET value = %s, key_id = 1 WHERE id = 3", (backup[3][0],))
     code, data = _verify_json(app)
     assert code == ExitStatus.FAILED and data["ok"] is False and data["failures"] == []
