@@ -79,7 +79,7 @@ def load(dsn: str, rows: int, size: int) -> None:
     """A fresh ``secrets`` table with ``rows`` legacy rows of ``size``-byte plaintexts."""
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS secrets, encryption_keys, encryption_keys_audit, "
-                  "encryption_keys_rotations")
+                  "encryption_keys_rotations, encryption_keys_meta")
         c.execute("CREATE TABLE secrets (id bigint PRIMARY KEY, value bytea NOT NULL, "
                   "key_id integer)")
         with c.cursor().copy("COPY secrets (id, value) FROM STDIN (FORMAT BINARY)") as cp:

@@ -22,7 +22,16 @@ from rotation_operator.rotation import inspection
 from rotation_operator.rotation.engine import Engine
 from rotation_operator.store.keystore import KeyStore
 from rotation_operator.store.legacy import Reads
-from tests.fixtures.fix_app import ONLINE, App, audit_events, make_app, read_rows, run_cli
+from tests.fixtures.fix_app import (
+    ONLINE,
+    App,
+    audit_events,
+    create_table,
+    fill,
+    make_app,
+    read_rows,
+    run_cli,
+)
 from tests.fixtures.keks import keks
 from tests.fixtures.roles import admin_dsn, app_dsn
 
@@ -166,3 +175,28 @@ def test_a_keys_table_of_an_older_release_closes_legacy_reads_on_upgrade(dsn: st
     with psycopg.connect(dsn) as conn:
         state = KeyStore(app.cfg).legacy_state(conn)
     assert state.migrated and state.closed
+
+
+def test_a_meta_table_that_outlived_its_keys_table_closes_nothing_for_a_new_one(
+        dsn: str) -> None:
+    """The keys, rotations and audit tables dropped by hand, the meta table left (found by
+    the bench): initialising again migrates that meta table in place, and the legacy record
+    is this keys table's own, not the old one's."""
+    app = make_app(dsn, 40)
+    app.engine().rotate(2, ONLINE)  # legacy rows migrated: the old meta says so
+    with psycopg.connect(dsn) as conn:
+        assert KeyStore(app.cfg).legacy_state(conn).migrated
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE encryption_keys, encryption_keys_rotations, "
+                     "encryption_keys_audit")
+    with psycopg.connect(app_dsn(dsn), autocommit=True) as conn:  # a fresh, all-legacy table
+        conn.execute("DROP TABLE secrets")
+    create_table(dsn, app.target)
+    fill(dsn, app.target, app.kek, 10)
+    app.engine().initialise()
+    with psycopg.connect(dsn) as conn:
+        assert not KeyStore(app.cfg).legacy_state(conn).migrated
+    with Encryptor(app_dsn(dsn), app.kek, schema="public") as enc:
+        value, key_id = read_rows(dsn, app.target)[3]
+        assert key_id is None
+        enc.decrypt(value, None)  # a legacy row reads: nothing closed it

@@ -192,9 +192,11 @@ def _migrate_v4(conn: Conn, tables: Tables) -> None:
     """The legacy record (:mod:`.legacy`): when every legacy row was migrated, and
     whether rings keep reading legacy rows after that.  A keys table whose first rotation
     finished under an older release migrated them then: recorded from its records."""
+    # IF NOT EXISTS: a meta table may outlive the keys table it served (dropped by hand);
+    # the record is then computed anew from this keys table's own rotations, below.
     conn.execute(sql.SQL(
-        "ALTER TABLE {} ADD COLUMN legacy_migrated_at timestamptz, "
-        "ADD COLUMN legacy_reads text NOT NULL DEFAULT 'closed' "
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS legacy_migrated_at timestamptz, "
+        "ADD COLUMN IF NOT EXISTS legacy_reads text NOT NULL DEFAULT 'closed' "
         "CHECK (legacy_reads IN ('open', 'closed'))").format(tables.meta))
     conn.execute(sql.SQL(
         "UPDATE {meta} SET legacy_migrated_at = (SELECT min(finished_at) FROM {rot} "
